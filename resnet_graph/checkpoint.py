@@ -1,0 +1,144 @@
+"""Run folders: checkpoints (``tf.compat.v1.train.Saver``), config.json, a run lock.
+
+A Saver checkpoint is written as new ``.index``/``.data`` files and only then
+named in the ``checkpoint`` state file, which TensorFlow replaces atomically;
+so a process that dies while saving leaves the previous checkpoint as the
+latest one. ``config.json`` is written to a temporary file, synced and
+renamed for the same reason.
+"""
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import pathlib
+from typing import Optional
+
+import tensorflow as tf
+
+from .config import CONFIG_FILE, TrainConfig
+from .errors import CheckpointError
+
+tf1 = tf.compat.v1
+
+CHECKPOINT_PREFIX = "model.ckpt"
+LOCK_FILE = ".lock"
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_config(run_dir, cfg: TrainConfig, **extra) -> None:
+    """Store the resolved config plus ``extra`` keys (normalisation, data dir, ...)."""
+    data = cfg.to_dict()
+    data.update(extra)
+    atomic_write_text(pathlib.Path(run_dir) / CONFIG_FILE, json.dumps(data, indent=2, sort_keys=True))
+
+
+def read_config(run_dir) -> dict:
+    """The run's config.json as a dict; CheckpointError if missing or unreadable."""
+    path = pathlib.Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}: pass --ckpt a run folder made by "
+                              "'resnet-graph train'")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        TrainConfig.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid run config ({e})") from None
+    if not isinstance(data, dict) or "normalization" not in data:
+        raise CheckpointError(f"{path} lacks the normalisation statistics; retrain the run")
+    return data
+
+
+def latest(run_dir) -> Optional[str]:
+    """Prefix of the newest complete checkpoint in ``run_dir``, or None."""
+    run_dir = pathlib.Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    prefix = tf1.train.latest_checkpoint(str(run_dir))
+    if prefix and pathlib.Path(prefix + ".index").is_file():
+        return prefix
+    return None
+
+
+def require_latest(run_dir) -> str:
+    prefix = latest(run_dir)
+    if prefix is None:
+        raise CheckpointError(f"no checkpoint in {run_dir}: pass --ckpt a run folder that "
+                              "'resnet-graph train' has written")
+    return prefix
+
+
+def make_saver(max_to_keep: int = 3):
+    """A Saver for every global variable (weights, statistics, optimizer state,
+    step and epoch counters); the in-graph data copies are local and not saved."""
+    return tf1.train.Saver(tf1.global_variables(), max_to_keep=max_to_keep,
+                           save_relative_paths=True)
+
+
+def save(sess, saver, run_dir, step: int) -> str:
+    """Write a checkpoint; on a write failure the previous one stays the latest."""
+    try:
+        with sess.graph.as_default():  # Saver would take the eager path outside its graph
+            return saver.save(sess, str(pathlib.Path(run_dir) / CHECKPOINT_PREFIX),
+                              global_step=step, write_meta_graph=False)
+    except (tf.errors.OpError, OSError) as e:
+        raise CheckpointError(f"could not write a checkpoint in {run_dir} ({_first_line(e)}); "
+                              "the previous checkpoint is intact: free space and --resume") from None
+
+
+def restore(sess, saver, prefix: str) -> None:
+    try:
+        with sess.graph.as_default():
+            saver.restore(sess, prefix)
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {prefix} does not fit this model ({_first_line(e)}); "
+                              "was config.json edited?") from None
+
+
+def _first_line(error) -> str:
+    text = getattr(error, "message", None) or str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold an exclusive lock on the run folder for as long as a run trains in it."""
+    path = pathlib.Path(run_dir) / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise CheckpointError(f"run folder {run_dir} is in use by another training "
+                                      "process; wait for it or choose another --name") from None
+            raise
+        yield
+    finally:
+        f.close()

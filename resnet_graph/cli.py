@@ -1,0 +1,227 @@
+"""The ``resnet-graph`` command line (contract: ../shared/CLI.md).
+
+Commands parse their options, build a config and call the library; they hold
+no logic of their own. TensorFlow is imported inside the commands that need
+it, so ``plot`` and ``--help`` start fast.
+
+Errors: usage mistakes exit 2 (click's own); a :class:`UserError` prints one
+line ``Error: ...`` and exits 1 (see :class:`Group`).
+"""
+
+import json
+import os
+import pathlib
+
+import click
+
+from .config import MODEL_ALIASES, RECIPES, check_depth
+from .errors import UserError
+
+DEFAULT_OUT = "checkpoints"
+TF_COMMANDS = ("train", "eval", "summary", "bench")
+
+
+def _depth(ctx, param, value):
+    if value is None:
+        return value
+    try:
+        return check_depth(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+MODEL = click.argument("model", type=click.Choice(sorted(MODEL_ALIASES), case_sensitive=False))
+DEPTH = click.option("--depth", type=int, default=32, show_default=True, callback=_depth,
+                     help="Total weighted layers, 6n+2.")
+PRECISION = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+                         default="auto", show_default=True,
+                         help="Compute precision; weights stay float32.")
+DATA_FORMAT = click.option("--data-format", type=click.Choice(["auto", "NHWC", "NCHW"]),
+                           default="auto", show_default=True, help="Graph layout.")
+XLA = click.option("--xla/--no-xla", default=False, show_default=True,
+                   help="Compile the step with XLA.")
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+                        help="Folder with the CIFAR-10 binary files "
+                             "(else $RESNET_GRAPH_DATA_DIR, else the user cache).")
+
+
+def _positive(ctx, param, value):
+    if value is not None and value < 1:
+        raise click.BadParameter(f"must be at least 1, got {value}")
+    return value
+
+
+class Group(click.Group):
+    """Turns a :class:`UserError` into click's one-line ``Error: ...`` with exit code 1,
+    and any other exception into the same unless ``RESNET_GRAPH_DEBUG`` is set."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - the contract: one line, no traceback
+            if os.environ.get("RESNET_GRAPH_DEBUG"):
+                raise
+            text = str(e).strip().splitlines()
+            raise click.ClickException(
+                f"{type(e).__name__}: {text[0] if text else ''} "
+                "(set RESNET_GRAPH_DEBUG=1 for the traceback)") from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="resnet-graph")
+def cli():
+    """Train, evaluate and compare CIFAR-10 ResNets built as TensorFlow graphs.
+
+    MODEL is original (post-activation ResNet), preact (pre-activation;
+    alias proposed) or plain (no shortcuts; alias cnn).
+    """
+    ctx = click.get_current_context()
+    if ctx.invoked_subcommand in TF_COMMANDS:
+        from .runtime import load_tensorflow
+        load_tensorflow()
+
+
+@cli.command()
+@MODEL
+@DEPTH
+@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="seed", show_default=True,
+              help="Named set of options: seed (the write-up) or he2016 (the paper).")
+@click.option("--epochs", type=int, callback=_positive, help="Epochs [recipe].")
+@click.option("--batch-size", type=int, callback=_positive, help="Images per step [recipe].")
+@click.option("--lr", type=float, help="Base learning rate [recipe].")
+@click.option("--optimizer", type=click.Choice(["adam", "momentum"]), help="[recipe]")
+@click.option("--weight-decay", type=float, help="L2 coefficient on kernels [recipe].")
+@click.option("--augment/--no-augment", default=None,
+              help="4-pixel pad + random crop + horizontal flip [recipe].")
+@click.option("--valid-size", type=click.IntRange(min=0),
+              help="Training images held out for validation [recipe; 10000].")
+@click.option("--train-examples", type=int, callback=_positive,
+              help="Use only the first N of the remaining training images.")
+@DATA_DIR
+@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              default=DEFAULT_OUT, show_default=True, help="Root folder for run folders.")
+@click.option("--name", help="Run name [<model>-<depth>].")
+@click.option("--history", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="HDF5 history file [<out>/histories.h5].")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of data split and order, augmentation and initialisation.")
+@click.option("--resume", is_flag=True, help="Continue run --name from its latest checkpoint.")
+@PRECISION
+@DATA_FORMAT
+@XLA
+@click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
+def train(model, depth, recipe, data_dir, out, name, history, resume, quiet, seed, precision,
+          data_format, xla, **options):
+    """Train MODEL on CIFAR-10 and record its history and checkpoints."""
+    from .config import make_config
+    from .train import train_run
+    try:
+        cfg = make_config(model, recipe, depth=depth, name=name, seed=seed, precision=precision,
+                          data_format=data_format, xla=xla, **options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    result = train_run(cfg, data_dir=data_dir, out=out, history_path=history, resume=resume,
+                       epochs_override=options["epochs"], quiet=quiet, log=click.echo)
+    if not quiet:
+        click.echo(f"run folder: {result['run_dir']}  history: {result['history']}")
+
+
+@cli.command("eval")
+@click.option("--ckpt", "run_dir", required=True,
+              type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Run folder written by 'resnet-graph train'.")
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--batch-size", type=int, default=500, show_default=True, callback=_positive)
+@DATA_DIR
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def eval_cmd(run_dir, split, batch_size, data_dir, as_json):
+    """Evaluate the latest checkpoint of a run on the test or validation split."""
+    from .evaluate import evaluate_run
+    from .data import CLASS_NAMES
+    m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir)
+    if as_json:
+        click.echo(json.dumps(m.to_json()))
+        return
+    click.echo(f"{split}: {m.examples} images  loss {m.loss:.4f}  accuracy {m.accuracy:.4f}")
+    for name, acc in zip(CLASS_NAMES, m.per_class_accuracy):
+        click.echo(f"  {name:<12}{acc:.4f}")
+
+
+@cli.command()
+@click.argument("histories", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              default="figures", show_default=True, help="Folder for the PNG files.")
+@click.option("--runs", "run_list", help="Comma-separated run names to draw (default: all).")
+def plot(histories, out, run_list):
+    """Draw loss and accuracy curves of every run in HISTORY.h5 files."""
+    from .history import read_history
+    from .plotting import plot_runs
+    selected = [r.strip() for r in run_list.split(",") if r.strip()] if run_list else None
+    runs = []
+    for path in histories:
+        available = read_history(path)
+        if selected is not None:
+            available = [r for r in available if r.name in selected]
+        runs.extend(available)
+    if selected is not None:
+        missing = sorted(set(selected) - {r.name for r in runs})
+        if missing:
+            raise UserError(f"no run named {', '.join(missing)} in the given histories")
+    for path in plot_runs(runs, out):
+        click.echo(str(path))
+
+
+@cli.command()
+@MODEL
+@DEPTH
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def summary(model, depth, as_json):
+    """Print MODEL's layers and parameters per stage."""
+    from .config import TrainConfig
+    from .inspection import format_summary, model_summary
+    s = model_summary(TrainConfig(model=model, depth=depth))
+    click.echo(json.dumps(s) if as_json else format_summary(s))
+
+
+@cli.command()
+@MODEL
+@DEPTH
+@click.option("--batch-size", type=int, default=100, show_default=True, callback=_positive)
+@click.option("--steps", type=int, default=50, show_default=True, callback=_positive,
+              help="Timed training steps (after --warmup steps).")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "momentum"]), default="adam",
+              show_default=True)
+@click.option("--augment/--no-augment", default=False, show_default=True)
+@PRECISION
+@DATA_FORMAT
+@XLA
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def bench(model, depth, batch_size, steps, warmup, optimizer, augment, precision, data_format,
+          xla, as_json):
+    """Time MODEL's training steps (forward, backward, update) in images/s."""
+    from .config import TrainConfig
+    from .inspection import benchmark
+    cfg = TrainConfig(model=model, depth=depth, batch_size=batch_size, optimizer=optimizer,
+                      augment=augment, precision=precision, data_format=data_format, xla=xla)
+    r = benchmark(cfg, steps=steps, warmup=warmup)
+    if as_json:
+        click.echo(json.dumps(r))
+    else:
+        click.echo(f"{r['model']}-{r['depth']} batch {r['batch_size']} {r['precision']} "
+                   f"{r['data_format']}{' xla' if r['xla'] else ''} on {r['device']}: "
+                   f"{r['images_per_sec']:.1f} images/s")
+
+
+def main(argv=None):
+    """Console entry point."""
+    cli.main(args=argv, prog_name="resnet-graph")
+
+
+if __name__ == "__main__":
+    main()

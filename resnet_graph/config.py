@@ -1,0 +1,157 @@
+"""Every hyper-parameter once, with its unit, and the named recipes.
+
+A :class:`TrainConfig` is frozen: the CLI resolves a recipe plus explicit
+options into one, the training loop reads it, and ``config.json`` in the run
+folder stores it so that ``eval`` can rebuild exactly the same model.
+"""
+
+import dataclasses
+import json
+import math
+from typing import Optional, Tuple
+
+MODEL_ALIASES = {
+    "original": "original",
+    "preact": "preact",
+    "proposed": "preact",
+    "plain": "plain",
+    "cnn": "plain",
+}
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DATA_FORMATS = ("auto", "NHWC", "NCHW")
+OPTIMIZERS = ("adam", "momentum")
+LR_SCHEDULES = ("constant", "step")
+CONFIG_FILE = "config.json"
+
+
+def canonical_model(name: str) -> str:
+    """Map a model name or alias (``proposed``, ``cnn``) to its canonical name."""
+    try:
+        return MODEL_ALIASES[name.lower()]
+    except KeyError:
+        names = ", ".join(sorted(MODEL_ALIASES))
+        raise ValueError(f"unknown model {name!r}; choose one of: {names}") from None
+
+
+def check_depth(depth: int) -> int:
+    """Return ``depth`` if it is 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)."""
+    if depth < 8 or (depth - 2) % 6 != 0:
+        raise ValueError(f"depth {depth} is not 6n+2 (8, 14, 20, 32, 44, 56, 110, ...)")
+    return depth
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run.
+
+    Units: ``lr`` is the base learning rate per step; ``lr_boundaries`` are
+    optimizer steps (iterations) at which the rate is multiplied by
+    ``lr_decay``; ``weight_decay`` is the L2 coefficient on convolution and
+    dense kernels: loss += wd * sum(w**2) / 2, so the gradient gains wd * w,
+    which is what the paper's "weight decay 1e-4" means for SGD; sizes are
+    images.
+    """
+
+    model: str = "original"
+    depth: int = 32
+    recipe: str = "seed"
+    epochs: int = 50
+    batch_size: int = 100
+    lr: float = 0.005
+    optimizer: str = "adam"
+    momentum: float = 0.9           # momentum SGD only
+    adam_epsilon: float = 1e-8      # Adam only
+    weight_decay: float = 0.0       # L2 coefficient, see class docstring
+    lr_schedule: str = "constant"
+    lr_boundaries: Tuple[int, ...] = ()   # optimizer steps
+    lr_decay: float = 0.1           # multiplier at each boundary
+    augment: bool = False           # 4-pixel pad + random crop + horizontal flip
+    valid_size: int = 10000         # training images held out for validation
+    train_examples: Optional[int] = None  # first N of the rest; None = all
+    seed: int = 0
+    precision: str = "auto"         # resolved to fp32/fp16/bf16 before training
+    data_format: str = "auto"       # resolved to NHWC/NCHW before training
+    xla: bool = False
+    bn_momentum: float = 0.9        # moving-average decay of batch norm
+    bn_epsilon: float = 1e-5
+    name: str = ""                  # run name; default "<model>-<depth>"
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", canonical_model(self.model))
+        object.__setattr__(self, "lr_boundaries", tuple(int(b) for b in self.lr_boundaries))
+        check_depth(self.depth)
+        if not self.name:
+            object.__setattr__(self, "name", f"{self.model}-{self.depth}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size}
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key.replace('_', '-')} must be at least 1, got {value}")
+        if self.train_examples is not None and self.train_examples < 1:
+            raise ValueError(f"train-examples must be at least 1, got {self.train_examples}")
+        if self.valid_size < 0:
+            raise ValueError(f"valid-size must be 0 or more, got {self.valid_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight-decay must be 0 or more, got {self.weight_decay}")
+        for key, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
+                             ("data_format", DATA_FORMATS), ("lr_schedule", LR_SCHEDULES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+
+    @property
+    def blocks_per_stage(self) -> int:
+        """n in depth = 6n + 2."""
+        return (self.depth - 2) // 6
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lr_boundaries"] = list(self.lr_boundaries)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """Build from a dict such as config.json; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Named recipes: only the keys that differ from TrainConfig's defaults matter,
+# but each recipe spells out the whole optimisation set-up for readability.
+RECIPES = {
+    # The write-up: Adam, lr 0.005, 50 epochs, batch 100, no augmentation,
+    # no weight decay, 10k of the 50k training images for validation.
+    "seed": dict(optimizer="adam", lr=0.005, epochs=50, batch_size=100,
+                 weight_decay=0.0, augment=False, valid_size=10000,
+                 lr_schedule="constant", lr_boundaries=()),
+    # He et al. 2016 (CIFAR-10, Sec. 4.2): SGD momentum 0.9, lr 0.1 divided by
+    # 10 at 32k and 48k iterations, stop at 64k, batch 128, weight decay 1e-4,
+    # pad+crop+flip, 45k/5k split. 45,000 // 128 = 351 steps per epoch, so
+    # 182 epochs = 63,882 iterations, the nearest whole epoch to 64k.
+    "he2016": dict(optimizer="momentum", momentum=0.9, lr=0.1, epochs=182,
+                   batch_size=128, weight_decay=1e-4, augment=True,
+                   valid_size=5000, lr_schedule="step",
+                   lr_boundaries=(32000, 48000), lr_decay=0.1),
+}
+
+
+def recipe_values(name: str) -> dict:
+    """The option values of recipe ``name``."""
+    try:
+        return dict(RECIPES[name])
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+def make_config(model: str, recipe: str = "seed", **overrides) -> TrainConfig:
+    """Resolve a recipe plus explicit options (``None`` = not given) into a config."""
+    values = recipe_values(recipe)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(model=model, recipe=recipe, **values)

@@ -1,0 +1,94 @@
+"""Metrics over a whole split, in inference mode; shared by ``train`` and ``eval``.
+
+Sums per-image losses and hits over batches, so the result does not depend on
+the batch size (batch norm uses its moving averages here, so an image's
+output does not depend on its batch either).
+"""
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import tensorflow as tf
+
+from . import checkpoint, data
+from .config import TrainConfig
+from .errors import DataError
+from .graph import build_eval_graph, resolve_data_format, session_config, gpu_available
+
+tf1 = tf.compat.v1
+
+NUM_CLASSES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Metrics:
+    split: str
+    examples: int
+    loss: float
+    accuracy: float
+    confusion: np.ndarray   # [10, 10] int64, rows = true class
+
+    @property
+    def per_class_accuracy(self):
+        totals = self.confusion.sum(axis=1)
+        hits = np.diag(self.confusion)
+        return [float(h / t) if t else 0.0 for h, t in zip(hits, totals)]
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "examples": self.examples, "loss": self.loss,
+                "accuracy": self.accuracy, "per_class_accuracy": self.per_class_accuracy,
+                "confusion": self.confusion.tolist()}
+
+
+def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: str = "") -> Metrics:
+    """Loss, accuracy and confusion matrix of the model in ``tensors`` on ``split``."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    total_loss = 0.0
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for start in range(0, len(split), batch_size):
+        images = split.images[start:start + batch_size]
+        labels = split.labels[start:start + batch_size]
+        losses, predictions = sess.run(
+            [tensors.example_loss, tensors.predictions],
+            {tensors.images: images, tensors.labels: labels, tensors.training: False})
+        total_loss += float(np.sum(losses, dtype=np.float64))
+        np.add.at(confusion, (labels, predictions), 1)
+    n = len(split)
+    hits = int(np.trace(confusion))
+    return Metrics(split=name, examples=n, loss=total_loss / n if n else float("nan"),
+                   accuracy=hits / n if n else float("nan"), confusion=confusion)
+
+
+def eval_precision(saved: str) -> str:
+    """Precision to evaluate a run trained in ``saved``: fp16 only where a GPU runs it."""
+    if saved == "fp16" and not gpu_available():
+        return "fp32"
+    return saved if saved in ("fp32", "fp16", "bf16") else "fp32"
+
+
+def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
+                 data_dir=None) -> Metrics:
+    """Rebuild the model of ``run_dir`` from its config.json, restore, evaluate ``split``."""
+    run_dir = pathlib.Path(run_dir)
+    saved = checkpoint.read_config(run_dir)
+    cfg = TrainConfig.from_dict(saved)
+    prefix = checkpoint.require_latest(run_dir)
+    folder = data.find_data_dir(data_dir or saved.get("data_dir"), progress=False)
+    dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
+                                train_examples=cfg.train_examples, seed=cfg.seed)
+    chosen = {"test": dataset.test, "valid": dataset.valid, "train": dataset.train}[split]
+    if len(chosen) == 0:
+        raise DataError(f"run {run_dir.name} has no {split} split (valid-size 0); "
+                             "use --split test")
+    norm = saved["normalization"]
+    g = tf.Graph()
+    with g.as_default():
+        tensors = build_eval_graph(cfg, norm["mean"], norm["std"],
+                                   precision=eval_precision(saved.get("resolved_precision", "fp32")),
+                                   data_format=resolve_data_format("auto"))
+        saver = tf1.train.Saver(tf1.global_variables())
+        with tf1.Session(graph=g, config=session_config()) as sess:
+            checkpoint.restore(sess, saver, prefix)
+            return evaluate(sess, tensors, chosen, batch_size=batch_size, name=split)

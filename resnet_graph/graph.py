@@ -1,0 +1,299 @@
+"""Attach a model to a ``tf.Graph``: inputs, loss, metrics, optimizer, precision.
+
+:func:`build_train_graph` makes everything one training run needs; it is the
+one place where batch-norm updates are tied to the train op. The graph's
+public tensors have names, so anything can fetch them by name as well:
+
+============================  ==================================================
+name                          what
+============================  ==================================================
+``images:0``                  uint8 [N, 32, 32, 3] pixels (placeholder with the
+                              in-graph training batch as default)
+``labels:0``                  int32 [N] classes (same)
+``training:0``                bool scalar, defaults to False (inference mode)
+``logits:0``                  float32 [N, 10]
+``probabilities:0``           softmax of the logits
+``predictions:0``             int32 [N] argmax
+``example_loss:0``            float32 [N] cross-entropy per image
+``loss:0``                    mean cross-entropy of the batch
+``total_loss:0``              ``loss`` + weight decay (what is minimised)
+``correct:0``                 float32 [N], 1 where the prediction is right
+``accuracy:0``                mean of ``correct``
+``learning_rate:0``           the rate of the current step
+============================  ==================================================
+
+Training data lives in the graph as local (never checkpointed) variables,
+loaded once per run: a step only feeds the index of its batch, and the batch,
+its augmentation and its normalisation are computed by TensorFlow.
+"""
+
+import dataclasses
+from typing import Optional
+
+import tensorflow as tf
+
+from . import models, ops
+from .config import TrainConfig
+from .runtime import gpu_count
+
+tf1 = tf.compat.v1
+
+MODEL_SCOPE = "model"
+COMPUTE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
+# Dynamic loss scaling (fp16): start high, halve on overflow, double after
+# this many finite steps in a row. The values are the usual ones (Micikevicius
+# et al. 2018; TensorFlow's DynamicLossScale).
+INITIAL_LOSS_SCALE = 2.0 ** 15
+LOSS_SCALE_GROWTH_STEPS = 2000
+
+
+def gpu_available() -> bool:
+    return gpu_count() > 0
+
+
+def resolve_data_format(data_format: str, gpu: Optional[bool] = None) -> str:
+    """``auto`` picks NCHW on a GPU (cuDNN's native layout) and NHWC on a CPU."""
+    if data_format != "auto":
+        return data_format
+    return "NCHW" if (gpu_available() if gpu is None else gpu) else "NHWC"
+
+
+def resolve_precision(precision: str, gpu: Optional[bool] = None) -> str:
+    """``auto`` picks fp16 on a GPU; on a CPU it keeps fp32 (see docs/performance.md)."""
+    if precision != "auto":
+        return precision
+    return "fp16" if (gpu_available() if gpu is None else gpu) else "fp32"
+
+
+def normalise(images, mean, std, data_format, dtype):
+    """uint8 NHWC pixels -> (x - mean) / std in ``data_format`` and ``dtype``."""
+    x = (tf.cast(images, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+    if data_format == "NCHW":
+        x = tf.transpose(x, [0, 3, 1, 2])
+    return tf.cast(x, dtype)
+
+
+def augment(images, seed, pad=4):
+    """Pad by ``pad`` zero pixels, crop a random 32x32 window, flip half.
+
+    Each image gets its own offsets and flip, drawn by stateless ops from
+    ``seed`` (int [2]), so a resumed run sees exactly the same augmentation.
+    The crop and the flip are one pair of batched gathers.
+    """
+    size = images.shape[1]
+    batch = tf.shape(images)[0]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    u = tf.random.stateless_uniform([batch, 3], seed=seed)
+    offsets = tf.cast(tf.floor(u[:, :2] * (2 * pad + 1)), tf.int32)
+    flip = u[:, 2] < 0.5
+    span = tf.range(size, dtype=tf.int32)
+    rows = offsets[:, :1] + span
+    cols = tf.where(flip[:, None], offsets[:, 1:] + (size - 1) - span, offsets[:, 1:] + span)
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(out, cols, axis=2, batch_dims=1)
+
+
+def learning_rate(cfg: TrainConfig, global_step):
+    """The schedule as a function of the optimizer step."""
+    if cfg.lr_schedule == "step" and cfg.lr_boundaries:
+        values = [cfg.lr * cfg.lr_decay ** i for i in range(len(cfg.lr_boundaries) + 1)]
+        lr = tf1.train.piecewise_constant(global_step, list(cfg.lr_boundaries), values)
+    else:
+        lr = tf.constant(cfg.lr, tf.float32)
+    return tf.identity(tf.cast(lr, tf.float32), name="learning_rate")
+
+
+def make_optimizer(cfg: TrainConfig, lr):
+    if cfg.optimizer == "adam":
+        return tf1.train.AdamOptimizer(lr, epsilon=cfg.adam_epsilon)
+    return tf1.train.MomentumOptimizer(lr, cfg.momentum)
+
+
+@dataclasses.dataclass
+class ModelTensors:
+    """Inputs and outputs of a model attached to a graph."""
+
+    graph: tf.Graph
+    images: tf.Tensor
+    labels: tf.Tensor
+    training: tf.Tensor
+    logits: tf.Tensor
+    probabilities: tf.Tensor
+    predictions: tf.Tensor
+    example_loss: tf.Tensor
+    loss: tf.Tensor
+    correct: tf.Tensor
+    accuracy: tf.Tensor
+    precision: str
+    data_format: str
+
+
+@dataclasses.dataclass
+class TrainTensors(ModelTensors):
+    """A :class:`ModelTensors` plus everything a training loop runs."""
+
+    total_loss: tf.Tensor = None
+    learning_rate: tf.Tensor = None
+    train_op: tf.Operation = None
+    global_step: tf.Variable = None
+    epochs_done: tf.Variable = None
+    set_epochs_done: tf.Operation = None
+    epoch_placeholder: tf.Tensor = None
+    batch_index: tf.Tensor = None
+    data_images: tf.Tensor = None      # placeholders that load the training set
+    data_labels: tf.Tensor = None
+    load_data: tf.Operation = None
+    permutation: tf.Tensor = None      # placeholder for one epoch's order
+    set_permutation: tf.Operation = None
+    loss_scale: Optional[tf.Variable] = None
+    skipped_steps: Optional[tf.Variable] = None
+
+
+def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
+                 precision="fp32", data_format="NHWC"):
+    """Attach placeholders, the network and its metrics to the default graph.
+
+    ``images``/``labels`` are optional default tensors for the placeholders
+    (the in-graph training batch); without them the placeholders must be fed.
+    """
+    if images is None:
+        images = tf1.placeholder(tf.uint8, [None, 32, 32, 3], name="images")
+        labels = tf1.placeholder(tf.int32, [None], name="labels")
+    else:
+        images = tf1.placeholder_with_default(images, [None, 32, 32, 3], name="images")
+        labels = tf1.placeholder_with_default(labels, [None], name="labels")
+    training = tf1.placeholder_with_default(False, [], name="training")
+    dtype = COMPUTE_DTYPES[precision]
+    x = normalise(images, mean, std, data_format, dtype)
+    with tf1.variable_scope(MODEL_SCOPE):
+        logits = models.build_logits(cfg.model, x, training, depth=cfg.depth,
+                                     data_format=data_format, bn_momentum=cfg.bn_momentum,
+                                     bn_epsilon=cfg.bn_epsilon)
+    logits = tf.identity(tf.cast(logits, tf.float32), name="logits")
+    example_loss = tf.identity(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits),
+        name="example_loss")
+    predictions = tf.argmax(logits, axis=1, output_type=tf.int32, name="predictions")
+    correct = tf.cast(tf.equal(predictions, labels), tf.float32, name="correct")
+    return ModelTensors(
+        graph=tf1.get_default_graph(), images=images, labels=labels, training=training,
+        logits=logits, probabilities=tf.nn.softmax(logits, name="probabilities"),
+        predictions=predictions, example_loss=example_loss,
+        loss=tf.reduce_mean(example_loss, name="loss"), correct=correct,
+        accuracy=tf.reduce_mean(correct, name="accuracy"),
+        precision=precision, data_format=data_format)
+
+
+def weight_decay_loss(cfg: TrainConfig):
+    """``wd * sum(||w||^2) / 2`` over the kernels (not biases, not batch norm)."""
+    kernels = [v for v in tf1.trainable_variables(MODEL_SCOPE) if v.op.name.endswith("/kernel")]
+    if not cfg.weight_decay or not kernels:
+        return tf.constant(0.0)
+    return cfg.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
+
+
+def _minimize(optimizer, loss, var_list, global_step, loss_scaling):
+    """Gradients and update; with ``loss_scaling``, dynamic loss scaling.
+
+    Returns (train_op, loss_scale or None, skipped_steps or None). With loss
+    scaling the loss is multiplied by ``loss_scale`` before differentiation and
+    the gradients divided by it; a step whose gradients hold inf/NaN is skipped
+    (no variable, slot or step counter changes) and halves the scale, and
+    ``LOSS_SCALE_GROWTH_STEPS`` finite steps in a row double it.
+    """
+    if not loss_scaling:
+        grads = tf.gradients(loss, var_list)
+        return optimizer.apply_gradients(zip(grads, var_list), global_step), None, None
+    with tf1.variable_scope("loss_scaling"):
+        scale = tf1.get_variable("scale", [], tf.float32, tf1.constant_initializer(INITIAL_LOSS_SCALE),
+                                 trainable=False)
+        good = tf1.get_variable("good_steps", [], tf.int64, tf1.zeros_initializer(), trainable=False)
+        skipped = tf1.get_variable("skipped_steps", [], tf.int64, tf1.zeros_initializer(),
+                                   trainable=False)
+    scaled = tf.gradients(loss * scale, var_list)
+    grads = [g / scale for g in scaled]
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+
+    def apply():
+        update = optimizer.apply_gradients(zip(grads, var_list), global_step)
+        with tf.control_dependencies([update]):
+            grow = good + 1 >= LOSS_SCALE_GROWTH_STEPS
+            return tf.group(
+                scale.assign(tf.where(grow, scale * 2.0, scale)),
+                good.assign(tf.where(grow, tf.zeros_like(good), good + 1)))
+
+    def skip():
+        return tf.group(scale.assign(tf.maximum(scale / 2.0, 1.0)),
+                        good.assign(tf.zeros_like(good)), skipped.assign_add(1))
+
+    return tf.cond(finite, apply, skip), scale, skipped
+
+
+def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
+                      precision="fp32", data_format="NHWC") -> TrainTensors:
+    """Build a complete training graph in the default graph.
+
+    Args:
+      cfg: the run's configuration.
+      mean, std: per-channel normalisation of uint8 pixels (0..255 units).
+      num_train: images in the training split (the in-graph data variables).
+      precision, data_format: resolved values (not ``auto``).
+    """
+    tf1.set_random_seed(cfg.seed)
+    global_step = tf1.train.get_or_create_global_step()
+    with tf1.variable_scope("input"):
+        data_images = tf1.placeholder(tf.uint8, [num_train, 32, 32, 3], name="data_images")
+        data_labels = tf1.placeholder(tf.int32, [num_train], name="data_labels")
+        local = [tf1.GraphKeys.LOCAL_VARIABLES]
+        images_var = tf1.Variable(data_images, trainable=False, collections=local,
+                                  name="train_images")
+        labels_var = tf1.Variable(data_labels, trainable=False, collections=local,
+                                  name="train_labels")
+        permutation = tf1.placeholder(tf.int32, [num_train], name="permutation")
+        order = tf1.Variable(tf.range(num_train, dtype=tf.int32), trainable=False,
+                             collections=local, name="order")
+        batch_index = tf1.placeholder_with_default(0, [], name="batch_index")
+        idx = order[batch_index * cfg.batch_size:(batch_index + 1) * cfg.batch_size]
+        batch_images = tf.gather(images_var, idx)
+        batch_labels = tf.gather(labels_var, idx)
+        if cfg.augment:
+            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(global_step, tf.int64)])
+            batch_images = augment(batch_images, seed)
+    t = attach_model(cfg, mean, std, images=batch_images, labels=batch_labels,
+                     precision=precision, data_format=data_format)
+    total_loss = tf.add(t.loss, weight_decay_loss(cfg), name="total_loss")
+    lr = learning_rate(cfg, global_step)
+    optimizer = make_optimizer(cfg, lr)
+    update_ops = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS, scope=MODEL_SCOPE)
+    with tf.control_dependencies(update_ops):
+        train_op, loss_scale, skipped = _minimize(
+            optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE), global_step,
+            loss_scaling=(precision == "fp16"))
+    epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
+                                   trainable=False)
+    epoch_placeholder = tf1.placeholder(tf.int64, [], name="epoch")
+    fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(ModelTensors)}
+    return TrainTensors(
+        **fields, total_loss=total_loss, learning_rate=lr,
+        train_op=tf.group(train_op, name="train_op"), global_step=global_step,
+        epochs_done=epochs_done, set_epochs_done=epochs_done.assign(epoch_placeholder).op,
+        epoch_placeholder=epoch_placeholder, batch_index=batch_index,
+        data_images=data_images, data_labels=data_labels,
+        load_data=tf.group(images_var.initializer, labels_var.initializer, order.initializer),
+        permutation=permutation, set_permutation=order.assign(permutation).op,
+        loss_scale=loss_scale, skipped_steps=skipped)
+
+
+def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",
+                     data_format="NHWC") -> ModelTensors:
+    """Placeholders, network and metrics only: what eval and predict need."""
+    return attach_model(cfg, mean, std, precision=precision, data_format=data_format)
+
+
+def session_config(cfg: Optional[TrainConfig] = None, *, xla: bool = False):
+    """A ConfigProto: soft placement, and XLA auto-clustering when asked."""
+    config = tf1.ConfigProto(allow_soft_placement=True)
+    config.gpu_options.allow_growth = True
+    if xla or (cfg is not None and cfg.xla):
+        config.graph_options.optimizer_options.global_jit_level = tf1.OptimizerOptions.ON_1
+    return config

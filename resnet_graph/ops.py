@@ -1,0 +1,124 @@
+"""Layers in the ``tf.layers`` style, written from ``tf.compat.v1`` core ops.
+
+``tf.compat.v1.layers`` needs Keras 2 and raises under Keras 3, so each layer
+here creates its variables with ``get_variable`` inside a ``variable_scope``
+(calling again under a reusing scope shares them) and applies plain ``tf.nn``
+ops. Conventions shared by every layer:
+
+* Variables are float32 ("master weights"); a layer casts its kernel to the
+  dtype of its input, so a float16 or bfloat16 graph computes in that dtype
+  while the optimizer updates float32 values.
+* ``data_format`` is ``"NHWC"`` or ``"NCHW"`` and is threaded through every op.
+* ``training`` is a Python bool (the branch is chosen while building) or a
+  scalar bool tensor (chosen at run time with ``tf.cond``).
+"""
+
+import tensorflow as tf
+
+tf1 = tf.compat.v1
+
+
+def channel_axis(data_format: str) -> int:
+    return 3 if data_format == "NHWC" else 1
+
+
+def spatial_axes(data_format: str):
+    return (1, 2) if data_format == "NHWC" else (2, 3)
+
+
+def conv2d(x, filters, kernel_size=3, strides=1, *, data_format, name):
+    """Convolution with 'SAME' padding, Glorot-uniform kernel and no bias.
+
+    There is no bias because every convolution here feeds a batch norm, whose
+    offset makes a bias redundant.
+    """
+    in_channels = x.shape[channel_axis(data_format)]
+    with tf1.variable_scope(name):
+        kernel = tf1.get_variable(
+            "kernel", [kernel_size, kernel_size, in_channels, filters], tf.float32,
+            initializer=tf1.glorot_uniform_initializer())
+        return tf.nn.conv2d(x, tf.cast(kernel, x.dtype), strides=strides,
+                            padding="SAME", data_format=data_format)
+
+
+def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5):
+    """Fused batch normalisation with moving averages registered in UPDATE_OPS.
+
+    While training it normalises with the batch's statistics and adds two
+    assignments that move ``moving_mean``/``moving_variance`` towards them
+    (``decay = momentum``) to ``tf.GraphKeys.UPDATE_OPS``; the train op must
+    run them (see ``graph.py``). Otherwise it normalises with the moving
+    averages, so an image's output does not depend on the rest of its batch.
+    Scale, offset and statistics stay float32 whatever the input dtype.
+    """
+    channels = x.shape[channel_axis(data_format)]
+    with tf1.variable_scope(name):
+        gamma = tf1.get_variable("gamma", [channels], tf.float32, tf1.ones_initializer())
+        beta = tf1.get_variable("beta", [channels], tf.float32, tf1.zeros_initializer())
+        stat_collections = [tf1.GraphKeys.GLOBAL_VARIABLES, tf1.GraphKeys.MOVING_AVERAGE_VARIABLES]
+        moving_mean = tf1.get_variable(
+            "moving_mean", [channels], tf.float32, tf1.zeros_initializer(),
+            trainable=False, collections=stat_collections)
+        moving_var = tf1.get_variable(
+            "moving_variance", [channels], tf.float32, tf1.ones_initializer(),
+            trainable=False, collections=stat_collections)
+
+        def batch_stats():
+            y, mean, var = tf1.nn.fused_batch_norm(
+                x, gamma, beta, epsilon=epsilon, data_format=data_format, is_training=True)[:3]
+            return y, mean, var
+
+        def moving_stats():
+            y = tf1.nn.fused_batch_norm(
+                x, gamma, beta, mean=moving_mean, variance=moving_var, epsilon=epsilon,
+                data_format=data_format, is_training=False)[0]
+            return y, moving_mean.read_value(), moving_var.read_value()
+
+        if isinstance(training, bool):
+            y, mean, var = batch_stats() if training else moving_stats()
+            if not training:
+                return y
+        else:
+            y, mean, var = tf.cond(training, batch_stats, moving_stats)
+        # In inference mode (tensor flag False) mean/var *are* the moving
+        # values, so these updates are exact no-ops; they only run with the
+        # train op anyway.
+        rate = 1.0 - momentum
+        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS,
+                              moving_mean.assign_sub((moving_mean - mean) * rate))
+        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS,
+                              moving_var.assign_sub((moving_var - var) * rate))
+        return y
+
+
+def dense(x, units, *, name):
+    """Fully connected layer with Glorot-uniform kernel and zero bias."""
+    with tf1.variable_scope(name):
+        kernel = tf1.get_variable("kernel", [x.shape[-1], units], tf.float32,
+                                  initializer=tf1.glorot_uniform_initializer())
+        bias = tf1.get_variable("bias", [units], tf.float32, tf1.zeros_initializer())
+        return tf.nn.bias_add(tf.matmul(x, tf.cast(kernel, x.dtype)), tf.cast(bias, x.dtype))
+
+
+def shortcut_option_a(x, filters, strides, *, data_format):
+    """The paper's parameter-free "option A" shortcut.
+
+    Keeps every ``strides``-th pixel (a strided slice, no pooling op) and pads
+    the channels with zeros, half before and half after, up to ``filters``.
+    """
+    if strides > 1:
+        if data_format == "NHWC":
+            x = x[:, ::strides, ::strides, :]
+        else:
+            x = x[:, :, ::strides, ::strides]
+    extra = filters - x.shape[channel_axis(data_format)]
+    if extra:
+        pad = [[0, 0]] * 4
+        pad[channel_axis(data_format)] = [extra // 2, extra - extra // 2]
+        x = tf.pad(x, pad)
+    return x
+
+
+def global_average_pool(x, *, data_format):
+    """Mean over the spatial axes, computed in float32: [N, C]."""
+    return tf.reduce_mean(tf.cast(x, tf.float32), axis=spatial_axes(data_format))

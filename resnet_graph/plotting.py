@@ -1,0 +1,261 @@
+"""PNG plots of training histories.
+
+Uses ``matplotlib.figure.Figure`` with the Agg canvas directly, never pyplot,
+so plotting neither needs a display nor changes matplotlib's global state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from resnet_graph.errors import HistoryError, UserError
+from resnet_graph.history import Run
+
+FIGSIZE = (8.0, 5.0)
+DPI = 100
+MARKER_MAX_EPOCHS = 25  # draw point markers when a run has at most this many epochs
+
+
+def plot_runs(runs: Sequence[Run], out_dir) -> list[Path]:
+    """Write the plots of ``runs`` into ``out_dir`` and return the written paths.
+
+    Always ``loss.png`` and ``accuracy.png`` (train solid, validation dashed,
+    one colour per run); ``lr.png`` when a run has a learning rate; and, for
+    more than one run, ``final_accuracy.png``: the test accuracy per run when
+    every run has one, else the last validation accuracy. Runs without
+    finished epochs are left out; HistoryError when nothing is left to plot.
+    """
+    runs = list(runs)
+    if not runs:
+        raise HistoryError("no runs to plot: the history file has no runs; train a run first")
+    plotted = [run for run in runs if run.epochs > 0]
+    if not plotted:
+        names = ", ".join(run.name for run in runs)
+        raise HistoryError(
+            f"no runs to plot: run {names} has no finished epochs yet; "
+            "plot again after the first epoch"
+        )
+    out = _prepare_folder(out_dir)
+    colours = _colours(len(plotted))
+
+    written = [
+        _write_png(_loss_figure(plotted, colours), out / "loss.png"),
+        _write_png(_accuracy_figure(plotted, colours), out / "accuracy.png"),
+    ]
+    lr_figure = _lr_figure(plotted, colours)
+    if lr_figure is not None:
+        written.append(_write_png(lr_figure, out / "lr.png"))
+    if len(plotted) > 1:
+        bars = _final_accuracy_figure(plotted, colours)
+        if bars is not None:
+            written.append(_write_png(bars, out / "final_accuracy.png"))
+    return written
+
+
+# --------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------
+
+
+def _loss_figure(runs: list[Run], colours: list) -> Figure:
+    fig, ax = _new_axes()
+    markers = _use_markers(runs)
+    for run, colour in zip(runs, colours):
+        _curve(ax, run, "train_loss", colour, "-", f"{run.name} train", markers=markers)
+        _curve(ax, run, "valid_loss", colour, "--", f"{run.name} valid", markers=markers)
+    ax.set_title("Loss per epoch (train solid, validation dashed)")
+    ax.set_ylabel("cross-entropy loss")
+    _finish_epoch_axes(ax, runs)
+    return fig
+
+
+def _accuracy_figure(runs: list[Run], colours: list) -> Figure:
+    fig, ax = _new_axes()
+    markers = _use_markers(runs)
+    for run, colour in zip(runs, colours):
+        _curve(ax, run, "train_acc", colour, "-", f"{run.name} train", markers=markers,
+               scale=100.0)
+        _curve(ax, run, "valid_acc", colour, "--", f"{run.name} valid", markers=markers,
+               scale=100.0)
+    ax.set_title("Accuracy per epoch (train solid, validation dashed)")
+    ax.set_ylabel("accuracy (%)")
+    _finish_epoch_axes(ax, runs)
+    return fig
+
+
+def _lr_figure(runs: list[Run], colours: list) -> Figure | None:
+    with_lr = [
+        (run, colour)
+        for run, colour in zip(runs, colours)
+        if "lr" in run.columns and np.isfinite(run.columns["lr"]).any()
+    ]
+    if not with_lr:
+        return None
+    fig, ax = _new_axes()
+    values = []
+    markers = _use_markers([run for run, _ in with_lr])
+    for run, colour in with_lr:
+        _curve(ax, run, "lr", colour, "-", run.name, markers=markers)
+        lr = run.columns["lr"]
+        values.append(lr[np.isfinite(lr)])
+    finite = np.concatenate(values)
+    log = bool(len(finite)) and bool(np.all(finite > 0))
+    if log:
+        ax.set_yscale("log")
+    ax.set_title("Learning rate per epoch")
+    ax.set_ylabel("learning rate (log scale)" if log else "learning rate")
+    _finish_epoch_axes(ax, [run for run, _ in with_lr])
+    return fig
+
+
+def _final_accuracy_figure(runs: list[Run], colours: list) -> Figure | None:
+    test = [_finite_or_none(run.attrs.get("test_acc")) for run in runs]
+    if all(value is not None for value in test):
+        values = test
+        what = "test accuracy"
+    else:
+        values = [_finite_or_none(run.columns["valid_acc"][-1]) for run in runs]
+        what = "validation accuracy at the last epoch"
+    pairs = [
+        (run.name, value * 100.0, colour)
+        for run, value, colour in zip(runs, values, colours)
+        if value is not None
+    ]
+    if len(pairs) < 2:
+        return None
+    height = max(FIGSIZE[1], 1.2 + 0.4 * len(pairs))
+    fig, ax = _new_axes(figsize=(FIGSIZE[0], height))
+    positions = np.arange(len(pairs))
+    bars = ax.barh(
+        positions,
+        [value for _, value, _ in pairs],
+        color=[colour for _, _, colour in pairs],
+        height=0.6,
+    )
+    ax.set_yticks(positions, labels=[name for name, _, _ in pairs])
+    ax.invert_yaxis()  # first run on top
+    ax.bar_label(bars, labels=[f"{value:.2f}%" for _, value, _ in pairs], padding=3)
+    top = max(value for _, value, _ in pairs)
+    ax.set_xlim(0, max(100.0, top) * 1.12)
+    ax.set_xlabel(f"{what} (%)")
+    ax.set_title(f"{what[0].upper()}{what[1:]} per run")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    return fig
+
+
+# --------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------
+
+
+def _new_axes(figsize=FIGSIZE):
+    fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    return fig, ax
+
+
+def _curve(
+    ax, run: Run, column: str, colour, style: str, label: str, *, markers: bool,
+    scale: float = 1.0,
+):
+    if column not in run.columns:
+        return
+    y = np.asarray(run.columns[column], dtype=np.float64) * scale
+    y = np.where(np.isfinite(y), y, np.nan)  # an infinite loss would break the scale
+    x = run.columns["epoch"]
+    marker = "o" if markers else None
+    ax.plot(
+        x, y, linestyle=style, color=colour, label=label, linewidth=1.6,
+        marker=marker, markersize=3,
+    )
+
+
+def _use_markers(runs: list[Run]) -> bool:
+    """Point markers for short runs (a one-epoch line is otherwise invisible)."""
+    return max(run.epochs for run in runs) <= MARKER_MAX_EPOCHS
+
+
+def _finish_epoch_axes(ax, runs: list[Run]) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last = max(int(run.columns["epoch"][-1]) for run in runs)
+    first = min(int(run.columns["epoch"][0]) for run in runs)
+    if first == last:
+        ax.set_xlim(first - 1, last + 1)
+    ax.grid(True, alpha=0.3)
+    lines = len(ax.get_lines())
+    ax.legend(
+        loc="best",
+        fontsize="small" if lines <= 8 else "x-small",
+        ncol=1 if lines <= 8 else 2,
+        framealpha=0.85,
+    )
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        cmap = colormaps["tab10"]
+        return [cmap(i) for i in range(n)]
+    if n <= 20:
+        cmap = colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = colormaps["turbo"]
+    return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
+
+
+def _finite_or_none(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _prepare_folder(out_dir) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a folder; choose another output folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"cannot create folder {out}: {exc.strerror or exc}; choose another output folder"
+        ) from exc
+    return out
+
+
+def _write_png(fig: Figure, target: Path) -> Path:
+    """Render ``fig`` to a temp file next to ``target``, then move it into place."""
+    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=DPI)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(
+            f"cannot write {target}: {exc.strerror or exc}; check free space and permissions"
+        ) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return target

@@ -1,0 +1,242 @@
+"""The session loop: one run of one model, with a small fixed lifecycle.
+
+``Trainer.run`` calls ``before_train`` (graph, session, data, restore), then
+for every remaining epoch ``before_epoch`` (that epoch's order), the steps,
+and ``after_epoch`` (validation, history row, checkpoint, one summary line),
+and finally ``after_train`` (test metrics); the session is closed in
+``finally`` whatever happens.
+
+Order of writes at the end of an epoch: the history row first, then the
+checkpoint. A process killed between the two resumes from the previous
+checkpoint and drops the history rows after it (``history.truncate``), so the
+history never has gaps or duplicates.
+"""
+
+import math
+import pathlib
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from . import checkpoint, data, history
+from .config import TrainConfig
+from .errors import UserError
+from .evaluate import Metrics, evaluate
+from .graph import (build_train_graph, gpu_available, resolve_data_format, resolve_precision,
+                    session_config)
+from .runtime import describe_device
+
+tf1 = tf.compat.v1
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. the loss became NaN)."""
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The shuffled order of epoch ``epoch`` (1-based): a function of seed and epoch only,
+    so a resumed run visits the images in the same order as an uninterrupted one."""
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
+
+class Trainer:
+    """Train ``cfg`` on ``dataset``, writing into ``run_dir`` and ``history_path``.
+
+    Args:
+      cfg: the resolved configuration (``precision``/``data_format`` may be ``auto``).
+      dataset: the loaded splits and normalisation statistics.
+      run_dir: the run folder (checkpoints, config.json).
+      history_path: the HDF5 history file.
+      resume: continue from the latest checkpoint in ``run_dir``.
+      log: where summary lines go (``print`` by default).
+      progress: show a tqdm bar per epoch (only where stderr is a terminal).
+      eval_batch_size: batch size of validation and test evaluation.
+    """
+
+    def __init__(self, cfg: TrainConfig, dataset: data.Cifar10, run_dir, history_path, *,
+                 resume: bool = False, log: Callable[[str], None] = print,
+                 progress: bool = True, eval_batch_size: int = 500):
+        self.cfg = cfg
+        self.dataset = dataset
+        self.run_dir = pathlib.Path(run_dir)
+        self.history_path = pathlib.Path(history_path)
+        self.resume = resume
+        self.log = log
+        self.progress = progress
+        self.eval_batch_size = eval_batch_size
+        gpu = gpu_available()
+        self.precision = resolve_precision(cfg.precision, gpu)
+        self.data_format = resolve_data_format(cfg.data_format, gpu)
+        self.steps_per_epoch = len(dataset.train) // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f"batch size {cfg.batch_size} is larger than the {len(dataset.train)} "
+                            "training images; lower --batch-size")
+        self.sess = None
+        self.t = None
+        self.saver = None
+        self.start_epoch = 1
+        self.result: Optional[Metrics] = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    def run(self) -> Optional[Metrics]:
+        """Train the remaining epochs; return the test metrics (None if no epochs ran)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with checkpoint.run_lock(self.run_dir):
+            try:
+                self.before_train()
+                for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+                    self.before_epoch(epoch)
+                    row = self.run_epoch(epoch)
+                    self.after_epoch(epoch, row)
+                self.after_train()
+            finally:
+                if self.sess is not None:
+                    self.sess.close()
+        return self.result
+
+    def before_train(self):
+        cfg, ds = self.cfg, self.dataset
+        graph = tf.Graph()
+        with graph.as_default():
+            self.t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train),
+                                       precision=self.precision, data_format=self.data_format)
+            self.saver = checkpoint.make_saver()
+            init = tf1.global_variables_initializer()
+        graph.finalize()
+        self.sess = tf1.Session(graph=graph, config=session_config(cfg))
+        prefix = checkpoint.latest(self.run_dir) if self.resume else None
+        if prefix:
+            checkpoint.restore(self.sess, self.saver, prefix)
+            done = int(self.sess.run(self.t.epochs_done))
+            self.start_epoch = done + 1
+            history.truncate(self.history_path, cfg.name, done)
+            self.log(f"resuming {cfg.name} after epoch {done} from {prefix}")
+        else:
+            self.sess.run(init)
+            self._write_config()
+            history.create_run(self.history_path, cfg.name, config=self._config_dict(),
+                               attrs=self._history_attrs(), exist_ok=self.resume)
+            if self.resume and history.read_run(self.history_path, cfg.name).epochs:
+                history.truncate(self.history_path, cfg.name, 0)
+        self.sess.run(self.t.load_data, {self.t.data_images: ds.train.images,
+                                         self.t.data_labels: ds.train.labels})
+
+    def before_epoch(self, epoch: int):
+        order = epoch_order(self.cfg.seed, epoch, len(self.dataset.train))
+        self.sess.run(self.t.set_permutation, {self.t.permutation: order})
+
+    def run_epoch(self, epoch: int) -> dict:
+        """All training steps of one epoch; returns the partial history row."""
+        t, cfg = self.t, self.cfg
+        start = time.perf_counter()
+        loss_sum = hits = 0.0
+        fetches = [t.train_op, t.loss, t.accuracy, t.learning_rate]
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
+                   unit="step", leave=False, disable=None if self.progress else True,
+                   dynamic_ncols=True)
+        lr = float("nan")
+        for step in bar:
+            _, loss, acc, lr = self.sess.run(fetches, {t.batch_index: step, t.training: True})
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss became {loss} at epoch {epoch}, step {step + 1}; "
+                                    "the last good checkpoint is kept: lower --lr and --resume")
+            loss_sum += loss
+            hits += acc
+            if bar.disable is False and step % 10 == 0:
+                seen = (step + 1) * cfg.batch_size
+                bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}",
+                                acc=f"{hits / (step + 1):.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        n = self.steps_per_epoch
+        return {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": hits / n,
+                "lr": float(lr), "train_seconds": train_seconds,
+                "images_per_sec": n * cfg.batch_size / train_seconds, "_start": start}
+
+    def after_epoch(self, epoch: int, row: dict):
+        start = row.pop("_start")
+        if len(self.dataset.valid):
+            valid = evaluate(self.sess, self.t, self.dataset.valid,
+                             batch_size=self.eval_batch_size, name="valid")
+            row.update(valid_loss=valid.loss, valid_acc=valid.accuracy)
+        else:
+            row.update(valid_loss=float("nan"), valid_acc=float("nan"))
+        row["seconds"] = time.perf_counter() - start
+        history.append_epoch(self.history_path, self.cfg.name, row)
+        self.sess.run(self.t.set_epochs_done, {self.t.epoch_placeholder: epoch})
+        checkpoint.save(self.sess, self.saver, self.run_dir, int(self.sess.run(self.t.global_step)))
+        self.log(f"epoch {epoch}/{self.cfg.epochs}  "
+                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                 f"valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.4f}  "
+                 f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_sec']:.0f} img/s")
+
+    def after_train(self):
+        test = evaluate(self.sess, self.t, self.dataset.test,
+                        batch_size=self.eval_batch_size, name="test")
+        history.set_attrs(self.history_path, self.cfg.name, test_loss=test.loss,
+                          test_acc=test.accuracy)
+        self.result = test
+        self.log(f"test loss {test.loss:.4f} acc {test.accuracy:.4f} ({test.examples} images)")
+
+    # -- helpers ---------------------------------------------------------------------
+    def _config_dict(self) -> dict:
+        d = self.cfg.to_dict()
+        d.update(self._extra_config())
+        return d
+
+    def _extra_config(self) -> dict:
+        return {"normalization": {"mean": list(self.dataset.mean), "std": list(self.dataset.std)},
+                "data_dir": str(self.dataset.data_dir), "resolved_precision": self.precision,
+                "resolved_data_format": self.data_format,
+                "train_images": len(self.dataset.train), "valid_images": len(self.dataset.valid)}
+
+    def _write_config(self):
+        checkpoint.write_config(self.run_dir, self.cfg, **self._extra_config())
+
+    def _history_attrs(self) -> dict:
+        return {"tensorflow_version": tf.__version__, "device": describe_device(),
+                "precision": self.precision, "data_format": self.data_format}
+
+
+def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_path=None,
+              resume: bool = False, epochs_override: Optional[int] = None,
+              quiet: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Start run ``cfg.name`` under ``out``, or continue it with ``resume``.
+
+    A new run refuses a name that already has a run folder or a history group;
+    a resumed run takes every option from its config.json (only ``--epochs``
+    may change, to train longer). Returns the run folder, history file and
+    test metrics.
+    """
+    out = pathlib.Path(out)
+    name = history.validate_run_name(cfg.name)
+    run_dir = out / name
+    history_path = pathlib.Path(history_path) if history_path else out / "histories.h5"
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise UserError(f"there is no run {name!r} in {out} to resume; drop --resume to start it")
+        saved = checkpoint.read_config(run_dir)
+        cfg = TrainConfig.from_dict(saved)
+        data_dir = data_dir or saved.get("data_dir")
+    elif run_dir.exists() and any(run_dir.iterdir()) or (
+            history_path.exists() and history.has_run(history_path, name)):
+        raise UserError(f"run {name!r} already exists (in {run_dir} or {history_path}); "
+                        "pass --resume to continue it or choose another --name")
+    if epochs_override:
+        cfg = cfg.replace(epochs=epochs_override)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {run_dir} ({e.strerror}); choose a writable --out") from None
+    folder = data.find_data_dir(data_dir, progress=not quiet)
+    dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
+                                train_examples=cfg.train_examples, seed=cfg.seed)
+    trainer = Trainer(cfg, dataset, run_dir, history_path, resume=resume,
+                      log=(lambda s: None) if quiet else log, progress=not quiet)
+    metrics = trainer.run()
+    return {"run_dir": str(run_dir), "history": str(history_path), "test": metrics}

@@ -1,0 +1,23 @@
+"""resnet-graph: train, evaluate and compare CIFAR-10 ResNets in TensorFlow's graph style."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="resnet-graph",
+    version="0.1.0",
+    description="Original, pre-activation and plain ResNets on CIFAR-10 with tf.compat.v1 graphs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["resnet_graph", "resnet_graph.*"]),
+    install_requires=[
+        "tensorflow>=2.16,<3",
+        "numpy",
+        "click>=8",
+        "h5py",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "hypothesis"]},
+    entry_points={"console_scripts": ["resnet-graph=resnet_graph.cli:main"]},
+)
