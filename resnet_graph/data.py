@@ -242,21 +242,22 @@ def read_python_batch(path: str | os.PathLike) -> Split:
             f"{path} is not a readable CIFAR-10 python batch ({_reason(error)}); {_HINT_BAD_FILE}"
         ) from error
 
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} does not hold a dict: not a CIFAR-10 python batch; {_HINT_BAD_FILE}")
+
     def field(name: str):
-        if not isinstance(batch, dict):
-            raise DataError(f"{path} does not hold a dict: not a CIFAR-10 python batch; {_HINT_BAD_FILE}")
-        for key in (name.encode(), name):
+        for key in (name.encode(), name):  # bytes keys in the official files, str keys if re-pickled
             if key in batch:
                 return batch[key]
         raise DataError(f"{path} has no {name!r} entry: not a CIFAR-10 python batch; {_HINT_BAD_FILE}")
 
-    data, labels = field("data"), field("labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+    rows, labels = field("data"), field("labels")
+    if not isinstance(rows, np.ndarray) or rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != 3072:
         raise DataError(
-            f"{path} 'data' must be uint8 [N, 3072], got {_describe_array(data)}: "
+            f"{path} 'data' must be uint8 [N, 3072], got {_describe_array(rows)}: "
             f"not a CIFAR-10 python batch; {_HINT_BAD_FILE}"
         )
-    count = data.shape[0]
+    count = rows.shape[0]
     if count == 0 or count > MAX_RECORDS:
         raise DataError(f"{path} holds {count} images, expected 1 to {MAX_RECORDS}; {_HINT_BAD_FILE}")
     try:
@@ -268,7 +269,7 @@ def read_python_batch(path: str | os.PathLike) -> Split:
             f"{path} 'labels' must be {count} integers, got {_describe_array(labels)}; {_HINT_BAD_FILE}"
         )
     _check_labels(path, labels)
-    images = data.reshape(count, 3, 32, 32).transpose(0, 2, 3, 1)
+    images = rows.reshape(count, 3, 32, 32).transpose(0, 2, 3, 1)
     return Split(np.ascontiguousarray(images), labels.astype(np.int32))
 
 
@@ -286,14 +287,17 @@ def _latin1_encode(text, encoding="utf-8", errors="strict"):
     Python 3 pickles ``bytes`` for protocols 0-2 as ``_codecs.encode(text,
     "latin1")``. Any other codec is refused: codec lookup can import modules.
     """
-    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+    codec = str(encoding).lower().replace("_", "-")
+    if not isinstance(text, str) or codec not in ("latin1", "latin-1", "iso-8859-1"):
         raise pickle.UnpicklingError(f"codec {encoding!r} is not allowed")
     return text.encode("latin-1", errors="strict")
 
 
 # What numpy arrays need on unpickling, in numpy.core (1.x) or numpy._core (2.x):
 # _reconstruct for protocols 0-4, _frombuffer for protocol 5, scalar for numpy scalars.
-_NUMPY_PICKLE_HELPERS = frozenset({("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")})
+_NUMPY_PICKLE_HELPERS = frozenset(
+    {("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")}
+)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -378,7 +382,7 @@ def find_data_dir(
 
 
 def _layouts(folder: Path) -> list[tuple[Path, tuple[str, ...]]]:
-    """Where the files may sit under ``folder``; on a tie, earlier entries win."""
+    """Where the files may sit under ``folder``, in order of preference."""
     bin_names = TRAIN_FILES + (TEST_FILE,)
     py_names = PY_TRAIN_FILES + (PY_TEST_FILE,)
     return [(folder, bin_names), (folder / BIN_FOLDER, bin_names), (folder, py_names), (folder / PY_FOLDER, py_names)]
@@ -408,19 +412,13 @@ def _resolve_or_raise(folder: Path, source: str) -> tuple[Path, str]:
     found = _resolve_layout(folder)
     if found is not None:
         return found
-    # Report the layout that is closest to complete; on a tie prefer the
-    # binary sub-folder if it exists, since that is what a user most likely meant.
-    best, best_count = None, -1
-    order = [1, 0, 3, 2]
-    layouts = _layouts(folder)
-    for index in order:
-        candidate, names = layouts[index]
-        if not candidate.is_dir():
-            continue
-        count = sum((candidate / name).is_file() for name in names)
-        if count > best_count:
-            best, best_count = _first_missing(candidate, names), count
-    raise DataError(f"CIFAR-10 file {best} is missing{source}; {_HINT_DATA_DIR}")
+    # Name a file of the layout closest to complete; on a tie prefer an existing
+    # sub-folder (that is where the user put the files), then binary over python.
+    existing = [(candidate, names) for candidate, names in _layouts(folder) if candidate.is_dir()]
+    candidate, names = max(
+        existing, key=lambda layout: (sum((layout[0] / name).is_file() for name in layout[1]), layout[0] != folder)
+    )
+    raise DataError(f"CIFAR-10 file {_first_missing(candidate, names)} is missing{source}; {_HINT_DATA_DIR}")
 
 
 # --------------------------------------------------------------------------- download
@@ -436,6 +434,7 @@ class _SchemeCheckingRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         scheme = urllib.parse.urlsplit(newurl).scheme.lower()
         if scheme not in self._allowed:
+            fp.close()
             raise urllib.error.URLError(f"refused redirect to {scheme}:// URL")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
@@ -481,7 +480,9 @@ def download_cifar10(
     if scheme not in allowed:
         raise DataError(f"refusing to download CIFAR-10 from {url}: only https:// URLs are allowed; {_HINT_DOWNLOAD}")
     if not md5:
-        raise DataError(f"refusing to download CIFAR-10 from {url} without an MD5 to check it against; {_HINT_DOWNLOAD}")
+        raise DataError(
+            f"refusing to download CIFAR-10 from {url} without an MD5 to check it against; {_HINT_DOWNLOAD}"
+        )
     if expected_size is None and url == OFFICIAL_URL:
         expected_size = OFFICIAL_SIZE
 
@@ -513,15 +514,23 @@ def download_cifar10(
                 f"{_HINT_DOWNLOAD}"
             )
         target = cache / BIN_FOLDER
+        previous = workdir / "previous"
         if os.path.lexists(target):
             # os.replace cannot overwrite a non-empty folder: move the old one
-            # into the work folder (removed below) first.
-            os.replace(target, workdir / "previous")
-        os.replace(extracted, target)
+            # into the work folder (removed below) first, and back on failure.
+            os.replace(target, previous)
+        try:
+            os.replace(extracted, target)
+        except OSError:
+            if os.path.lexists(previous) and not os.path.lexists(target):
+                os.replace(previous, target)
+            raise
         return target
     except DataError:
         raise
     except (OSError, tarfile.TarError, EOFError, zlib.error, http.client.HTTPException, ValueError) as error:
+        if isinstance(error, urllib.error.HTTPError):
+            error.close()  # it holds the open response
         raise DataError(f"could not download CIFAR-10 from {url} ({_reason(error)}); {_HINT_DOWNLOAD}") from error
     finally:
         if archive is not None:
@@ -541,8 +550,9 @@ def _fetch(url, out, allowed, expected_size, progress, timeout) -> tuple[int, st
     with opener.open(request, timeout=timeout) as response:
         length = response.headers.get("Content-Length", "")
         total = int(length) if length.isdigit() else None
-        if total is not None and total > limit:
-            raise DataError(f"the download from {url} has {total} bytes, expected at most {limit}; {_HINT_DOWNLOAD}")
+        if total is not None and (total > limit or (expected_size is not None and total != expected_size)):
+            expected = f"expected {expected_size}" if expected_size is not None else f"expected at most {limit}"
+            raise DataError(f"the download from {url} has {total} bytes, {expected}; {_HINT_DOWNLOAD}")
         stderr = sys.stderr
         show = progress and stderr is not None and stderr.isatty()
         with tqdm(
@@ -586,7 +596,9 @@ def _safe_extract(archive: Path, dest: Path, url: str) -> None:
             parts = _safe_member_parts(member, url)
             total += member.size if member.isreg() else 0
             if total > _MAX_EXTRACT_BYTES:
-                raise DataError(f"the archive from {url} unpacks to more than {_MAX_EXTRACT_BYTES} bytes; {_HINT_DOWNLOAD}")
+                raise DataError(
+                    f"the archive from {url} unpacks to more than {_MAX_EXTRACT_BYTES} bytes; {_HINT_DOWNLOAD}"
+                )
             planned.append((member, parts))
 
         dest.mkdir()
@@ -668,7 +680,7 @@ def load_cifar10(
     if not 0 <= valid_size < total:
         raise DataError(
             f"validation size {valid_size} is out of range for the {total} training images in {folder}; "
-            f"use a validation size from 0 to {total - 1}"
+            f"pass --valid-size from 0 to {total - 1}"
         )
     permutation = np.random.default_rng(seed).permutation(total)
     valid_index = np.sort(permutation[:valid_size])
@@ -678,7 +690,7 @@ def load_cifar10(
         if not 1 <= train_examples <= remaining:
             raise DataError(
                 f"train examples {train_examples} is out of range: {remaining} training images remain after "
-                f"holding out {valid_size} for validation; use 1 to {remaining}"
+                f"holding out {valid_size} for validation; pass --train-examples from 1 to {remaining}"
             )
         train_index = train_index[:train_examples]
 

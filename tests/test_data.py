@@ -14,6 +14,8 @@ import io
 import os
 import pickle
 import socket
+import struct
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -115,8 +117,28 @@ def cifar_members(source: Path, folder=data.BIN_FOLDER):
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files; ``/redirect?TARGET`` answers 302 to TARGET."""
+
+    def do_GET(self):
+        if self.path.startswith("/redirect?"):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("?", 1)[1])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
     def log_message(self, *args):
         pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client that stops reading early (a refused download) is expected here.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @pytest.fixture
@@ -125,7 +147,7 @@ def http_root(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = _QuietServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
@@ -304,6 +326,33 @@ def test_python_batch_reads_numpy1_module_names(tmp_path):
     path = tmp_path / "old"
     path.write_bytes(payload.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
     np.testing.assert_array_equal(data.read_python_batch(path).images, images)
+
+
+def python2_batch_bytes(images, labels) -> bytes:
+    """A pickle laid out like the official files (Python 2 cPickle of numpy 1.x), written by hand."""
+    chw = np.ascontiguousarray(images.transpose(0, 3, 1, 2)).reshape(len(images), -1)
+
+    def text(raw: bytes) -> bytes:  # SHORT_BINSTRING: a Python 2 str
+        return b"U" + bytes([len(raw)]) + raw
+
+    out = b"\x80\x02}(" + text(b"data")
+    out += b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + text(b"b") + b"\x87R"
+    out += b"(K\x01K" + bytes([len(chw)]) + b"M" + struct.pack("<H", 3072) + b"\x86"
+    out += b"cnumpy\ndtype\n" + text(b"u1") + b"K\x00K\x01\x87R"
+    out += b"(K\x03" + text(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    out += b"\x89T" + struct.pack("<I", chw.size) + chw.tobytes() + b"tb"
+    out += text(b"labels") + b"](" + b"".join(b"K" + bytes([int(v)]) for v in labels) + b"e"
+    out += text(b"batch_label") + text(b"training batch 1 of 5") + b"u."
+    return out
+
+
+def test_python_batch_reads_python2_numpy1_pickle(tmp_path):
+    images, labels = random_split(5, seed=8)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(python2_batch_bytes(images, labels))
+    split = data.read_python_batch(path)
+    np.testing.assert_array_equal(split.images, images)
+    np.testing.assert_array_equal(split.labels, labels)
 
 
 class _SystemCall:
@@ -763,23 +812,24 @@ def test_download_wrong_size_leaves_nothing(tmp_path, served_archive):
 
 
 @pytest.mark.parametrize(
-    "bad_member",
+    "bad_member, reason",
     [
-        ("../evil", "file", b"gotcha"),
-        (f"{data.BIN_FOLDER}/../../evil", "file", b"gotcha"),
-        ("/tmp/evil-absolute-resnet-graph-test", "file", b"gotcha"),
-        (f"{data.BIN_FOLDER}/link", "symlink", "/etc/passwd"),
-        (f"{data.BIN_FOLDER}/hard", "hardlink", f"{data.BIN_FOLDER}/test_batch.bin"),
-        (f"{data.BIN_FOLDER}/pipe", "fifo", None),
+        (("../evil", "file", b"gotcha"), "'..' in path"),
+        ((f"{data.BIN_FOLDER}/../../evil", "file", b"gotcha"), "'..' in path"),
+        (("/tmp/evil-absolute-resnet-graph-test", "file", b"gotcha"), "absolute path"),
+        ((f"{data.BIN_FOLDER}/link", "symlink", "/etc/passwd"), "symlink"),
+        ((f"{data.BIN_FOLDER}/hard", "hardlink", f"{data.BIN_FOLDER}/test_batch.bin"), "hard link"),
+        ((f"{data.BIN_FOLDER}/pipe", "fifo", None), "device or special file"),
     ],
     ids=["dotdot", "nested-dotdot", "absolute", "symlink", "hardlink", "fifo"],
 )
-def test_download_refuses_unsafe_archives(tmp_path, http_root, synthetic_dir, bad_member):
+def test_download_refuses_unsafe_archives(tmp_path, http_root, synthetic_dir, bad_member, reason):
     url, md5 = serve_tar(http_root, "bad.tar.gz", cifar_members(synthetic_dir) + [bad_member])
     cache = tmp_path / "deep" / "cache"
     with pytest.raises(DataError, match="unsafe member") as excinfo:
         data.download_cifar10(cache, url=url, md5=md5, progress=False, allow_insecure=True)
-    assert "download it by hand and pass --data-dir PATH" in assert_one_line(excinfo)
+    message = assert_one_line(excinfo)
+    assert f"({reason})" in message and "download it by hand and pass --data-dir PATH" in message
     assert list(cache.iterdir()) == []  # nothing extracted, not even the good members
     assert not (tmp_path / "deep" / "evil").exists() and not (tmp_path / "evil").exists()
     assert not Path("/tmp/evil-absolute-resnet-graph-test").exists()
@@ -817,7 +867,9 @@ def test_download_http_error_and_refused_connection(tmp_path, http_root):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(DataError, match="could not download"):
-        data.download_cifar10(cache, url=f"http://127.0.0.1:{port}/x.tar.gz", md5="0" * 32, allow_insecure=True, timeout=5)
+        data.download_cifar10(
+            cache, url=f"http://127.0.0.1:{port}/x.tar.gz", md5="0" * 32, allow_insecure=True, timeout=5
+        )
     assert list(cache.iterdir()) == []
 
 
@@ -834,6 +886,17 @@ def test_download_requires_https_by_default(tmp_path, served_archive):
     with pytest.raises(DataError, match="only https://"):
         data.find_data_dir(cache_dir=cache, url=url, md5=md5)
     assert not cache.exists()
+
+
+def test_download_follows_redirects_only_to_allowed_schemes(tmp_path, http_root, served_archive):
+    url, md5, _ = served_archive
+    _, base = http_root
+    folder = data.download_cifar10(tmp_path / "ok", url=f"{base}/redirect?{url}", md5=md5, allow_insecure=True)
+    assert (folder / data.TEST_FILE).is_file()
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="refused redirect to ftp://"):
+        data.download_cifar10(cache, url=f"{base}/redirect?ftp://127.0.0.1/x", md5=md5, allow_insecure=True)
+    assert list(cache.iterdir()) == []
 
 
 def test_download_requires_a_checksum(tmp_path, served_archive):

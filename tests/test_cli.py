@@ -1,0 +1,169 @@
+"""Every command of the CLI contract through click's CliRunner, errors included."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from resnet_graph import data, history
+from resnet_graph.cli import cli
+
+TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "50", "--valid-size", "50"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run trained through the CLI, shared by the read-only tests."""
+    root = tmp_path_factory.mktemp("cli")
+    folder = data.write_synthetic_cifar(root / "data", n_train_per_batch=60, n_test=100)
+    result = invoke("train", "proposed", *TINY, "--data-dir", folder, "--out", root / "out",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    return root, folder
+
+
+def test_train_writes_the_contracted_files(trained):
+    root, _ = trained
+    run_dir = root / "out" / "preact-8"
+    assert (run_dir / "config.json").is_file() and (run_dir / "checkpoint").is_file()
+    run = history.read_run(root / "out" / "histories.h5", "preact-8")
+    assert run.epochs == 1 and "test_acc" in run.attrs and "test_loss" in run.attrs
+
+
+def test_eval_json_has_the_contracted_fields(trained):
+    root, folder = trained
+    result = invoke("eval", "--ckpt", root / "out" / "preact-8", "--json", "--data-dir", folder)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["split"] == "test" and out["examples"] == 100
+    assert 0 <= out["accuracy"] <= 1 and out["loss"] > 0
+    assert len(out["per_class_accuracy"]) == 10
+    assert len(out["confusion"]) == 10 and all(len(r) == 10 for r in out["confusion"])
+    assert sum(map(sum, out["confusion"])) == 100
+    valid = json.loads(invoke("eval", "--ckpt", root / "out" / "preact-8", "--json",
+                              "--split", "valid", "--batch-size", "7").stdout)
+    run = history.read_run(root / "out" / "histories.h5", "preact-8")
+    assert valid["examples"] == 50
+    assert valid["accuracy"] == pytest.approx(float(run.columns["valid_acc"][-1]))
+
+
+def test_plot_writes_loss_and_accuracy(trained, tmp_path):
+    root, _ = trained
+    result = invoke("plot", root / "out" / "histories.h5", "--out", tmp_path / "fig")
+    assert result.exit_code == 0, result.output
+    for name in ("loss.png", "accuracy.png"):
+        assert (tmp_path / "fig" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = invoke("plot", root / "out" / "histories.h5", "--out", tmp_path / "f2",
+                    "--runs", "nope")
+    assert_one_line_error(result, "nope")
+
+
+def test_summary_json(tmp_path):
+    result = invoke("summary", "original", "--depth", "20", "--json")
+    assert result.exit_code == 0
+    out = json.loads(result.stdout)
+    assert out["model"] == "original" and out["depth"] == 20
+    assert out["params"] == 269722 and out["conv_layers"] == 19 and out["dense_layers"] == 1
+    text = invoke("summary", "cnn").stdout
+    assert "stage3" in text and "464,154" in text
+
+
+def test_bench_json():
+    result = invoke("bench", "plain", "--depth", "8", "--batch-size", "10", "--steps", "2",
+                    "--warmup", "1", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for key in ("model", "depth", "batch_size", "precision", "device", "images_per_sec"):
+        assert key in out
+    assert out["model"] == "plain" and out["batch_size"] == 10 and out["images_per_sec"] > 0
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "resnet"], ["summary", "vgg"], ["train", "original", "--depth", "33"],
+    ["summary", "original", "--depth", "30"], ["train", "original", "--epochs", "0"],
+    ["train", "original", "--batch-size", "-1"], ["train", "original", "--lr", "-0.1"],
+    ["eval"], ["train", "original", "--precision", "fp8"],
+])
+def test_usage_mistakes_exit_2(args):
+    assert invoke(*args).exit_code == 2
+
+
+def test_missing_data_file(tiny_data_dir, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, folder)
+    (folder / "data_batch_3.bin").unlink()
+    result = invoke("train", "original", *TINY, "--data-dir", folder, "--out", tmp_path / "o")
+    assert_one_line_error(result, "data_batch_3.bin", "--data-dir")
+
+
+def test_truncated_data_file(tiny_data_dir, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, folder)
+    raw = (folder / "test_batch.bin").read_bytes()
+    (folder / "test_batch.bin").write_bytes(raw[:-100])
+    result = invoke("train", "original", *TINY, "--data-dir", folder, "--out", tmp_path / "o")
+    assert_one_line_error(result, "test_batch.bin")
+
+
+def test_bad_label_byte(tiny_data_dir, tmp_path):
+    folder = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, folder)
+    raw = bytearray((folder / "data_batch_1.bin").read_bytes())
+    raw[3073 * 5] = 12
+    (folder / "data_batch_1.bin").write_bytes(bytes(raw))
+    result = invoke("train", "original", *TINY, "--data-dir", folder, "--out", tmp_path / "o")
+    assert_one_line_error(result, "data_batch_1.bin")
+
+
+def test_folder_without_checkpoint(tmp_path):
+    assert_one_line_error(invoke("eval", "--ckpt", tmp_path), str(tmp_path))
+
+
+def test_file_that_is_not_a_history(tmp_path):
+    bogus = tmp_path / "notes.h5"
+    bogus.write_text("hello")
+    assert_one_line_error(invoke("plot", bogus, "--out", tmp_path / "fig"), "notes.h5")
+    assert bogus.read_text() == "hello"
+    assert not (tmp_path / "fig" / "loss.png").exists()
+
+
+def test_existing_run_is_refused_and_left_alone(trained):
+    root, folder = trained
+    hist = root / "out" / "histories.h5"
+    before = hist.read_bytes()
+    ckpt_before = (root / "out" / "preact-8" / "checkpoint").read_bytes()
+    result = invoke("train", "preact", *TINY, "--data-dir", folder, "--out", root / "out")
+    assert_one_line_error(result, "--resume")
+    assert hist.read_bytes() == before
+    assert (root / "out" / "preact-8" / "checkpoint").read_bytes() == ckpt_before
+
+
+def test_bad_run_names_are_refused(tiny_data_dir, tmp_path):
+    for name in ("a/b", "..", "x\x01y"):
+        result = invoke("train", "original", *TINY, "--data-dir", tiny_data_dir,
+                        "--out", tmp_path, "--name", name)
+        assert result.exit_code in (1, 2) and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_through_the_cli(tiny_data_dir, tmp_path):
+    args = ["train", "plain", *TINY, "--data-dir", tiny_data_dir, "--out", tmp_path, "--quiet"]
+    assert invoke(*args).exit_code == 0
+    result = invoke(*args, "--resume", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    run = history.read_run(tmp_path / "histories.h5", "plain-8")
+    assert list(run.columns["epoch"]) == [1, 2]

@@ -1,0 +1,188 @@
+"""The training loop on tiny synthetic data: learning, checkpoints, resume, history."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from resnet_graph import checkpoint, data, history
+from resnet_graph.config import TrainConfig
+from resnet_graph.errors import CheckpointError, UserError
+from resnet_graph.evaluate import evaluate_run
+from resnet_graph.graph import augment, build_eval_graph, build_train_graph
+from resnet_graph.train import Trainer, epoch_order, train_run
+
+tf1 = tf.compat.v1
+
+
+def tiny_config(**kw):
+    values = dict(model="original", depth=8, epochs=2, batch_size=50, valid_size=50, lr=0.01)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_a_few_steps_cut_the_loss(tiny_data_dir):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    cfg = tiny_config()
+    g = tf.Graph()
+    with g.as_default():
+        t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train))
+        init = tf1.global_variables_initializer()
+    with tf1.Session(graph=g) as sess:
+        sess.run(init)
+        sess.run(t.load_data, {t.data_images: ds.train.images, t.data_labels: ds.train.labels})
+        feed = {t.images: ds.valid.images, t.labels: ds.valid.labels}
+        before = sess.run(t.loss, feed)
+        for step in range(15):
+            sess.run(t.train_op, {t.batch_index: step % 5, t.training: True})
+        after = sess.run(t.loss, feed)
+        assert sess.run(t.global_step) == 15
+    assert after < 0.5 * before
+
+
+def test_in_graph_batches_follow_the_epoch_order(tiny_data_dir):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    cfg = tiny_config()
+    order = epoch_order(0, 1, len(ds.train))
+    g = tf.Graph()
+    with g.as_default():
+        t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train))
+        init = tf1.global_variables_initializer()
+    with tf1.Session(graph=g) as sess:
+        sess.run(init)
+        sess.run(t.load_data, {t.data_images: ds.train.images, t.data_labels: ds.train.labels})
+        sess.run(t.set_permutation, {t.permutation: order})
+        images, labels = sess.run([t.images, t.labels], {t.batch_index: 2})
+    np.testing.assert_array_equal(images, ds.train.images[order[100:150]])
+    np.testing.assert_array_equal(labels, ds.train.labels[order[100:150]])
+    # The order is a function of (seed, epoch) only.
+    np.testing.assert_array_equal(order, epoch_order(0, 1, len(ds.train)))
+    assert not np.array_equal(order, epoch_order(0, 2, len(ds.train)))
+
+
+def test_augmentation_is_a_padded_crop_or_its_mirror_and_repeatable():
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (64, 32, 32, 3), dtype=np.uint8)
+    g = tf.Graph()
+    with g.as_default():
+        seed = tf1.placeholder(tf.int64, [2])
+        out = augment(tf.constant(images), seed)
+        with tf1.Session() as sess:
+            a = sess.run(out, {seed: [0, 5]})
+            b = sess.run(out, {seed: [0, 5]})
+            c = sess.run(out, {seed: [0, 6]})
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    padded = np.pad(images, [(0, 0), (4, 4), (4, 4), (0, 0)])
+    flips = 0
+    for i in range(len(images)):
+        windows = [padded[i, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+        plain = any(np.array_equal(a[i], w) for w in windows)
+        mirrored = any(np.array_equal(a[i], w[:, ::-1]) for w in windows)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 10 < flips < 54  # about half are flipped
+
+
+def test_checkpoint_restore_gives_identical_logits(tiny_data_dir, tmp_path):
+    cfg = tiny_config(epochs=1)
+    out = train_run(cfg, data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    saved = checkpoint.read_config(out["run_dir"])
+    norm = saved["normalization"]
+    logits = []
+    for _ in range(2):
+        g = tf.Graph()
+        with g.as_default():
+            t = build_eval_graph(cfg, norm["mean"], norm["std"])
+            saver = tf1.train.Saver()
+        with tf1.Session(graph=g) as sess:
+            checkpoint.restore(sess, saver, checkpoint.require_latest(out["run_dir"]))
+            logits.append(sess.run(t.logits, {t.images: ds.test.images}))
+    np.testing.assert_array_equal(logits[0], logits[1])
+    # ... and they are the trained model's: eval reproduces the test accuracy training stored.
+    run = history.read_run(out["history"], cfg.name)
+    m = evaluate_run(out["run_dir"], split="test", batch_size=33)
+    assert m.accuracy == pytest.approx(run.attrs["test_acc"], abs=1e-12)
+    assert m.loss == pytest.approx(run.attrs["test_loss"], rel=1e-5)
+
+
+def test_eval_accuracy_matches_training_for_any_batch_size(tiny_data_dir, tmp_path):
+    cfg = tiny_config(epochs=1, model="preact")
+    out = train_run(cfg, data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    run = history.read_run(out["history"], cfg.name)
+    for batch_size in (1, 17, 50, 1000):
+        m = evaluate_run(out["run_dir"], split="valid", batch_size=batch_size)
+        assert m.examples == 50
+        assert m.accuracy == pytest.approx(float(run.columns["valid_acc"][-1]), abs=1e-12)
+        assert m.loss == pytest.approx(float(run.columns["valid_loss"][-1]), rel=1e-4)
+
+
+def test_history_and_files_of_a_run(tiny_data_dir, tmp_path):
+    cfg = tiny_config(epochs=2)
+    out = train_run(cfg, data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    run = history.read_run(tmp_path / "histories.h5", "original-8")
+    assert list(run.columns["epoch"]) == [1, 2]
+    for field in history.FIELDS:
+        assert len(run.columns[field]) == 2
+    assert np.all((run.columns["train_acc"] >= 0) & (run.columns["train_acc"] <= 1))
+    assert run.attrs["config"]["model"] == "original"
+    assert run.attrs["tensorflow_version"] == tf.__version__
+    assert run.attrs["device"].startswith(("CPU", "GPU"))
+    assert 0 <= run.attrs["test_acc"] <= 1
+    saved = json.loads((tmp_path / "original-8" / "config.json").read_text())
+    assert TrainConfig.from_dict(saved) == cfg
+    assert out["test"].examples == 100
+
+
+def test_resume_continues_without_gaps_or_duplicates(tiny_data_dir, tmp_path):
+    """A run stopped after epoch 2 and resumed to 4 equals an uninterrupted 4-epoch run."""
+    straight = train_run(tiny_config(epochs=4, name="straight", augment=True),
+                         data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    train_run(tiny_config(epochs=2, name="split", augment=True),
+              data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    # A kill between the history row and the checkpoint of epoch 3 leaves an extra row:
+    history.append_epoch(tmp_path / "histories.h5", "split",
+                         {"epoch": 3, "train_loss": 9.0, "train_acc": 0.0, "valid_loss": 9.0,
+                          "valid_acc": 0.0, "lr": 0.01, "seconds": 1.0})
+    resumed = train_run(tiny_config(epochs=2, name="split", augment=True),
+                        data_dir=tiny_data_dir, out=tmp_path, resume=True, epochs_override=4,
+                        quiet=True)
+    a = history.read_run(tmp_path / "histories.h5", "straight")
+    b = history.read_run(tmp_path / "histories.h5", "split")
+    assert list(b.columns["epoch"]) == [1, 2, 3, 4]
+    # Same data order, augmentation and initialisation: the same numbers, up to
+    # floating-point noise from the thread pool's reduction order.
+    for field in ("train_loss", "valid_loss", "valid_acc"):
+        np.testing.assert_allclose(b.columns[field], a.columns[field], rtol=2e-3, atol=2e-3)
+    assert resumed["test"].accuracy == pytest.approx(straight["test"].accuracy, abs=0.02)
+
+
+def test_a_run_name_that_exists_is_refused_without_resume(tiny_data_dir, tmp_path):
+    train_run(tiny_config(epochs=1), data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    before = (tmp_path / "histories.h5").read_bytes()
+    with pytest.raises(UserError, match="already exists"):
+        train_run(tiny_config(epochs=1), data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    assert (tmp_path / "histories.h5").read_bytes() == before
+    with pytest.raises(UserError, match="no run"):
+        train_run(tiny_config(epochs=1, name="other"), data_dir=tiny_data_dir, out=tmp_path,
+                  resume=True, quiet=True)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json"):
+        evaluate_run(tmp_path)
+
+
+def test_the_run_folder_is_locked_while_training(tiny_data_dir, tmp_path):
+    with checkpoint.run_lock(tmp_path):
+        with pytest.raises(CheckpointError, match="in use"):
+            with checkpoint.run_lock(tmp_path):
+                pass
+
+
+def test_trainer_refuses_a_batch_larger_than_the_data(tiny_data_dir, tmp_path):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    with pytest.raises(UserError, match="batch size"):
+        Trainer(tiny_config(batch_size=1000), ds, tmp_path / "r", tmp_path / "h.h5")
