@@ -1,0 +1,106 @@
+"""Mixed precision on the CPU: fp16/bf16 graphs, float32 master weights, loss scaling."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from resnet_graph.config import TrainConfig
+from resnet_graph.graph import MODEL_SCOPE, build_train_graph
+
+tf1 = tf.compat.v1
+
+
+def all_nodes(graph):
+    """NodeDefs of the graph and of its functions (tf.cond branches live there)."""
+    gd = graph.as_graph_def()
+    nodes = list(gd.node)
+    for f in gd.library.function:
+        nodes.extend(f.node_def)
+    return nodes
+
+
+def _session(precision, data_format="NHWC", n=20, model="original"):
+    cfg = TrainConfig(model=model, depth=8, batch_size=10, lr=0.01)
+    g = tf.Graph()
+    with g.as_default():
+        t = build_train_graph(cfg, (120,) * 3, (60,) * 3, n, precision=precision,
+                              data_format=data_format)
+        init = tf1.global_variables_initializer()
+        weights = tf1.trainable_variables(MODEL_SCOPE)
+    sess = tf1.Session(graph=g)
+    sess.run(init)
+    rng = np.random.default_rng(0)
+    sess.run(t.load_data, {t.data_images: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                           t.data_labels: rng.integers(0, 10, n, dtype=np.int32)})
+    return sess, t, weights
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp16", tf.float16), ("bf16", tf.bfloat16)])
+def test_low_precision_convolutions_with_float32_weights_and_statistics(precision, dtype):
+    sess, t, weights = _session(precision)
+    with sess:
+        g = sess.graph
+        convs = [op for op in g.get_operations() if op.type == "Conv2D"]
+        assert convs and all(op.get_attr("T") == dtype for op in convs)
+        bns = [n for n in all_nodes(g) if n.op.startswith("FusedBatchNorm")]
+        assert bns and all(n.attr["U"].type == tf.float32.as_datatype_enum for n in bns)
+        assert all(n.attr["T"].type == dtype.as_datatype_enum for n in bns)
+        assert all(v.dtype.base_dtype == tf.float32 for v in weights)
+        before = sess.run(weights)
+        loss = sess.run([t.train_op, t.loss], {t.training: True})[1]
+        assert np.isfinite(loss) and t.logits.dtype == tf.float32
+        after = sess.run(weights)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_recovers():
+    sess, t, weights = _session("fp16")
+    with sess:
+        assert t.loss_scale is not None
+        scale0 = sess.run(t.loss_scale)
+        # A finite step: applied, scale kept.
+        sess.run(t.train_op, {t.training: True})
+        assert sess.run([t.global_step, t.skipped_steps]) == [1, 0]
+        assert sess.run(t.loss_scale) == scale0
+        # Force an overflow: with a huge scale the fp16 gradients become inf.
+        sess.run(t.loss_scale.assign(3e38))
+        before = sess.run(weights + [t.global_step])
+        sess.run(t.train_op, {t.training: True})
+        after = sess.run(weights + [t.global_step])
+        for a, b in zip(before, after):
+            np.testing.assert_array_equal(a, b)          # nothing applied
+        assert sess.run(t.skipped_steps) == 1
+        assert sess.run(t.loss_scale) == pytest.approx(1.5e38, rel=1e-6)   # halved
+        # Keep skipping until the scale is small enough, then train again.
+        for _ in range(200):
+            sess.run(t.train_op, {t.training: True})
+            if sess.run(t.global_step) > 1:
+                break
+        assert sess.run(t.global_step) == 2
+        assert sess.run(t.loss_scale) < 1e6
+        assert all(np.isfinite(w).all() for w in sess.run(weights))
+
+
+def test_no_loss_scaling_outside_fp16():
+    for precision in ("fp32", "bf16"):
+        sess, t, _ = _session(precision)
+        with sess:
+            assert t.loss_scale is None
+            assert not [op for op in sess.graph.get_operations() if "loss_scaling" in op.name]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nchw_graph_trains_and_matches_nhwc(precision):
+    results = {}
+    for fmt in ("NHWC", "NCHW"):
+        sess, t, _ = _session(precision, fmt, model="preact")
+        with sess:
+            convs = [op for op in sess.graph.get_operations() if op.type == "Conv2D"]
+            assert all(op.get_attr("data_format") == fmt.encode() for op in convs)
+            # One transpose at the input for NCHW, none for NHWC.
+            transposes = [op for op in sess.graph.get_operations() if op.type == "Transpose"
+                          and not op.name.startswith("gradients")]
+            assert len(transposes) == (1 if fmt == "NCHW" else 0)
+            results[fmt] = sess.run([t.loss, t.logits], {t.training: True})
+    tol = 1e-4 if precision == "fp32" else 5e-2
+    np.testing.assert_allclose(results["NCHW"][0], results["NHWC"][0], rtol=tol, atol=tol)
