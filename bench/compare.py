@@ -247,10 +247,13 @@ def tables(summary, args, flops):
     stat_word = (f"best of {args.repeats}" if args.stat == "best"
                  else f"median of {args.repeats}")
     out = []
-    out.append(f"| contender | precision | img/s ({stat_word}) | runs (img/s) "
-               f"| vs resnet-graph same precision | achieved GFLOP/s "
-               f"| % of TF matmul ceiling | % of best matmul, any backend |")
-    out.append("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    if not c:
+        out.append("(no training contender ran)")
+    else:
+        out.append(f"| contender | precision | img/s ({stat_word}) | runs (img/s) "
+                   f"| vs resnet-graph same precision | achieved GFLOP/s "
+                   f"| % of TF matmul ceiling | % of best matmul, any backend |")
+        out.append("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for key, row in c.items():
         ips = row["images_per_sec"]
         base = c.get(f"graph-{row['precision']}", {}).get("images_per_sec")
@@ -292,7 +295,9 @@ def tables(summary, args, flops):
         out.append("")
         out.append("| backend | dtype | GFLOP/s | best at n | role |")
         out.append("| --- | --- | ---: | ---: | --- |")
-        for (backend, dtype), m in sorted(mm.items(), key=lambda kv: (kv[0][1], kv[0][0] != "tensorflow", kv[0][0])):
+        order = sorted(mm.items(), key=lambda kv: (kv[0][1] != "fp32", kv[0][0] != "tensorflow",
+                                                   kv[0][0]))
+        for (backend, dtype), m in order:
             role = "ceiling" if backend == "tensorflow" else "cross-check"
             out.append(f"| {m['version']} | {dtype} | {m['gflops']:.1f} | {m['n']} | {role} |")
     return "\n".join(out)
@@ -316,15 +321,17 @@ def section(summary, args, flops, meta):
     lines = [BEGIN, "## CPU comparison with Keras 3 and PyTorch (bench/compare.py)", ""]
     lines.append(f"Measured on {meta['date']} with `{meta['command']}` (run from "
                  f"`{meta['cwd']}`); each contender in its own subprocess, one after the "
-                 f"other, {args.repeats} round(s), alternating order.")
+                 f"other, {args.repeats} round{'s' * (args.repeats > 1)}"
+                 f"{', alternating order' if args.repeats > 1 else ''}.")
     lines.append("")
     lines += [f"- {l}" for l in machine_lines(meta["torch"])]
     lines.append(f"- Load average (1, 5, 15 min) before: {meta['load_before']}, after: "
-                 f"{meta['load_after']} (other work on the machine slows every number, "
-                 f"PyTorch's spinning OpenMP threads most)")
+                 f"{meta['load_after']} (other work on the machine slows every number; "
+                 f"PyTorch's OpenMP threads suffer most when a core is busy)")
     lines.append(f"- Each contender: ResNet-32 original, option A, {EXPECTED_PARAMS:,} "
                  f"parameters, batch {args.batch_size}, Adam, random in-memory data, "
-                 f"{args.warmup} warm-up steps then {args.steps} timed steps "
+                 f"{args.warmup} warm-up step{'s' * (args.warmup > 1)} then {args.steps} timed "
+                 f"step{'s' * (args.steps > 1)} "
                  f"(forward, backward, update); NHWC everywhere, no XLA.")
     lines.append("  resnet-graph: `resnet-graph bench` (uint8 images in the graph, normalised "
                  "in the step); Keras: `model.fit` on a tf.data pipeline of float32 tensors, "

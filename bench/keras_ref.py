@@ -130,7 +130,8 @@ def main(argv=None):
     model = build_model(keras, args.depth)
     params = int(sum(np.prod(w.shape) for w in model.trainable_weights))
     if args.depth == 32:
-        assert params == EXPECTED_PARAMS, f"{params} trainable parameters, expected {EXPECTED_PARAMS}"
+        assert params == EXPECTED_PARAMS, \
+            f"{params} trainable parameters, expected {EXPECTED_PARAMS}"
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=args.lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=args.xla)

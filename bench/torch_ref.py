@@ -130,7 +130,8 @@ def main(argv=None):
     model = build_model(torch, args.depth, channels_last)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if args.depth == 32:
-        assert params == EXPECTED_PARAMS, f"{params} trainable parameters, expected {EXPECTED_PARAMS}"
+        assert params == EXPECTED_PARAMS, \
+            f"{params} trainable parameters, expected {EXPECTED_PARAMS}"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
