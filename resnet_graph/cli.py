@@ -198,23 +198,27 @@ def summary(model, depth, as_json):
 @click.option("--optimizer", type=click.Choice(["adam", "momentum"]), default="adam",
               show_default=True)
 @click.option("--augment/--no-augment", default=False, show_default=True)
+@click.option("--input", "input_mode", type=click.Choice(["graph", "feed"]), default="graph",
+              show_default=True,
+              help="graph: batches drawn inside the graph, as train does; feed: numpy feed_dict.")
 @PRECISION
 @DATA_FORMAT
 @XLA
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def bench(model, depth, batch_size, steps, warmup, optimizer, augment, precision, data_format,
-          xla, as_json):
+def bench(model, depth, batch_size, steps, warmup, optimizer, augment, input_mode, precision,
+          data_format, xla, as_json):
     """Time MODEL's training steps (forward, backward, update) in images/s."""
     from .config import TrainConfig
     from .inspection import benchmark
     cfg = TrainConfig(model=model, depth=depth, batch_size=batch_size, optimizer=optimizer,
                       augment=augment, precision=precision, data_format=data_format, xla=xla)
-    r = benchmark(cfg, steps=steps, warmup=warmup)
+    r = benchmark(cfg, steps=steps, warmup=warmup, feed=input_mode == "feed")
     if as_json:
         click.echo(json.dumps(r))
     else:
         click.echo(f"{r['model']}-{r['depth']} batch {r['batch_size']} {r['precision']} "
-                   f"{r['data_format']}{' xla' if r['xla'] else ''} on {r['device']}: "
+                   f"{r['data_format']}{' xla' if r['xla'] else ''} {r['input']} input on "
+                   f"{r['device']}: "
                    f"{r['images_per_sec']:.1f} images/s")
 
 

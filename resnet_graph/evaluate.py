@@ -85,9 +85,9 @@ def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
     norm = saved["normalization"]
     g = tf.Graph()
     with g.as_default():
-        tensors = build_eval_graph(cfg, norm["mean"], norm["std"],
-                                   precision=eval_precision(saved.get("resolved_precision", "fp32")),
-                                   data_format=resolve_data_format("auto"))
+        precision = eval_precision(saved.get("resolved_precision", "fp32"))
+        tensors = build_eval_graph(cfg, norm["mean"], norm["std"], precision=precision,
+                                   data_format=resolve_data_format("auto", precision=precision))
         saver = tf1.train.Saver(tf1.global_variables())
         with tf1.Session(graph=g, config=session_config()) as sess:
             checkpoint.restore(sess, saver, prefix)

@@ -58,16 +58,19 @@ def format_summary(s: dict) -> str:
 
 
 def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
-              num_images: int = 5000) -> dict:
+              num_images: int = 5000, feed: bool = False) -> dict:
     """Images per second of training steps of ``cfg`` on random data.
 
-    The data sit in the graph exactly as in training (``num_images`` random
-    images; the order is shuffled once), so the number includes the in-graph
-    batching and augmentation but no disk or Python feeding.
+    By default the data sit in the graph exactly as in training
+    (``num_images`` random images; the order is shuffled once), so the number
+    includes the in-graph batching and augmentation but no disk or Python
+    feeding. ``feed=True`` instead feeds each batch from numpy through the
+    ``images``/``labels`` placeholders (``feed_dict``), the classic TF1 input,
+    for comparison.
     """
     gpu = gpu_available()
     precision = resolve_precision(cfg.precision, gpu)
-    data_format = resolve_data_format(cfg.data_format, gpu)
+    data_format = resolve_data_format(cfg.data_format, gpu, precision)
     num_images = max(num_images, cfg.batch_size)
     rng = np.random.default_rng(cfg.seed)
     images = rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)
@@ -79,14 +82,21 @@ def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
                               precision=precision, data_format=data_format)
         init = tf1.global_variables_initializer()
     graph.finalize()
-    with tf1.Session(graph=graph, config=session_config(cfg)) as sess:
+    with tf1.Session(graph=graph, config=session_config()) as sess:
         sess.run(init)
         sess.run(t.load_data, {t.data_images: images, t.data_labels: labels})
         sess.run(t.set_permutation, {t.permutation: rng.permutation(num_images).astype(np.int32)})
 
+        def feed_dict(step):
+            i = step % per_epoch
+            if not feed:
+                return {t.batch_index: i, t.training: True}
+            rows = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
+            return {t.images: images[rows], t.labels: labels[rows], t.training: True}
+
         def run(count, offset):
             for i in range(count):
-                sess.run(t.train_op, {t.batch_index: (offset + i) % per_epoch, t.training: True})
+                sess.run(t.train_op, feed_dict(offset + i))
 
         run(warmup, 0)
         start = time.perf_counter()
@@ -94,5 +104,5 @@ def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
         seconds = time.perf_counter() - start
     return {"model": cfg.model, "depth": cfg.depth, "batch_size": cfg.batch_size,
             "precision": precision, "data_format": data_format, "xla": cfg.xla,
-            "device": describe_device(), "steps": steps, "seconds": seconds,
+            "input": "feed_dict" if feed else "in-graph", "device": describe_device(), "steps": steps, "seconds": seconds,
             "images_per_sec": steps * cfg.batch_size / seconds}

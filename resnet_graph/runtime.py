@@ -46,6 +46,23 @@ def gpu_count() -> int:
     return len(tf.config.list_physical_devices("GPU"))
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with bfloat16 arithmetic units (AVX512_BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def describe_device() -> str:
     """A short name of the device that trains: the GPU's, else the CPU's."""
     tf = load_tensorflow()

@@ -69,7 +69,7 @@ class Trainer:
         self.eval_batch_size = eval_batch_size
         gpu = gpu_available()
         self.precision = resolve_precision(cfg.precision, gpu)
-        self.data_format = resolve_data_format(cfg.data_format, gpu)
+        self.data_format = resolve_data_format(cfg.data_format, gpu, self.precision)
         self.steps_per_epoch = len(dataset.train) // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise UserError(f"batch size {cfg.batch_size} is larger than the {len(dataset.train)} "
@@ -106,7 +106,7 @@ class Trainer:
             self.saver = checkpoint.make_saver()
             init = tf1.global_variables_initializer()
         graph.finalize()
-        self.sess = tf1.Session(graph=graph, config=session_config(cfg))
+        self.sess = tf1.Session(graph=graph, config=session_config())
         prefix = checkpoint.latest(self.run_dir) if self.resume else None
         if prefix:
             checkpoint.restore(self.sess, self.saver, prefix)

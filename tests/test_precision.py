@@ -106,3 +106,57 @@ def test_nchw_graph_trains_and_matches_nhwc(precision):
             results[fmt] = sess.run([t.loss, t.logits], {t.training: True})
     tol = 1e-4 if precision == "fp32" else 5e-2
     np.testing.assert_allclose(results["NCHW"][0], results["NHWC"][0], rtol=tol, atol=tol)
+
+
+def test_auto_precision_and_layout_per_device(monkeypatch):
+    from resnet_graph import graph
+    assert graph.resolve_precision("auto", gpu=True) == "fp16"
+    monkeypatch.setattr(graph, "cpu_has_bf16", lambda: True)
+    assert graph.resolve_precision("auto", gpu=False) == "bf16"
+    monkeypatch.setattr(graph, "cpu_has_bf16", lambda: False)
+    assert graph.resolve_precision("auto", gpu=False) == "fp32"
+    assert graph.resolve_precision("fp16", gpu=False) == "fp16"
+    assert graph.resolve_data_format("auto", gpu=False) == "NHWC"
+    assert graph.resolve_data_format("auto", gpu=True, precision="fp32") == "NCHW"
+    assert graph.resolve_data_format("auto", gpu=True, precision="fp16") == "NHWC"
+    assert graph.resolve_data_format("NCHW", gpu=False) == "NCHW"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_no_needless_casts_or_transposes_in_the_step(precision):
+    sess, t, weights = _session(precision)
+    with sess:
+        forward = [op for op in sess.graph.get_operations()
+                   if not op.name.startswith(("gradients", "Adam", "input/"))]
+        casts = [op for op in forward if op.type == "Cast"]
+        kernel_casts = [op for op in casts if op.inputs[0].op.type == "ReadVariableOp"]
+        assert not [op for op in forward if op.type == "Transpose"]
+        if precision == "fp32":
+            # uint8 -> float32 input, logits, correct; nothing per layer.
+            assert not kernel_casts and len(casts) <= 4, [op.name for op in casts]
+        else:
+            # One cast per conv kernel (float32 master -> bf16); the dense layer is float32;
+            # plus the input, the pooled features and the logits.
+            n_kernels = len([w for w in weights if w.op.name.endswith("/kernel")
+                             and "dense" not in w.op.name])
+            assert len(kernel_casts) == n_kernels
+            assert len(casts) - len(kernel_casts) <= 5, [op.name for op in casts]
+
+
+def test_xla_step_runs_and_agrees_with_the_plain_step():
+    losses = []
+    for xla in (False, True):
+        cfg = TrainConfig(depth=8, batch_size=4, xla=xla, optimizer="momentum", lr=1e-3)
+        g = tf.Graph()
+        with g.as_default():
+            t = build_train_graph(cfg, (120,) * 3, (60,) * 3, 8, precision="fp32")
+            init = tf1.global_variables_initializer()
+            compiled = [op for op in g.get_operations() if "_XlaCompile" in op.node_def.attr]
+        assert bool(compiled) == xla
+        with tf1.Session(graph=g) as sess:
+            sess.run(init)
+            rng = np.random.default_rng(0)
+            sess.run(t.load_data, {t.data_images: rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
+                                   t.data_labels: rng.integers(0, 10, 8, dtype=np.int32)})
+            losses.append(sess.run([t.train_op, t.loss], {t.training: True})[1])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
