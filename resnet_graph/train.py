@@ -228,14 +228,15 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
                         "pass --resume to continue it or choose another --name")
     if epochs_override:
         cfg = cfg.replace(epochs=epochs_override)
+    # Data first: a data error must not leave an empty run folder behind.
+    folder = data.find_data_dir(data_dir, progress=not quiet)
+    dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
+                                train_examples=cfg.train_examples, seed=cfg.seed)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         history_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create {run_dir} ({e.strerror}); choose a writable --out") from None
-    folder = data.find_data_dir(data_dir, progress=not quiet)
-    dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
-                                train_examples=cfg.train_examples, seed=cfg.seed)
     trainer = Trainer(cfg, dataset, run_dir, history_path, resume=resume,
                       log=(lambda s: None) if quiet else log, progress=not quiet)
     metrics = trainer.run()

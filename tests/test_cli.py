@@ -108,6 +108,7 @@ def test_missing_data_file(tiny_data_dir, tmp_path):
     (folder / "data_batch_3.bin").unlink()
     result = invoke("train", "original", *TINY, "--data-dir", folder, "--out", tmp_path / "o")
     assert_one_line_error(result, "data_batch_3.bin", "--data-dir")
+    assert not (tmp_path / "o").exists()
 
 
 def test_truncated_data_file(tiny_data_dir, tmp_path):
