@@ -14,10 +14,10 @@ and images/s is taken over the ``steps`` batches after the warm-up ones.
 import argparse
 import json
 import os
-import pathlib
-import platform
 import sys
 import time
+
+from common import check_training_args, cpu_name
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -42,22 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    args = p.parse_args(argv)
-    if args.depth < 8 or (args.depth - 2) % 6:
-        p.error(f"--depth {args.depth} is not 6n+2")
-    if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
-        p.error("--steps, --warmup and --batch-size must be at least 1")
-    return args
-
-
-def cpu_name():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return check_training_args(p, p.parse_args(argv))
 
 
 def build_model(keras, depth):

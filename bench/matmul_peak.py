@@ -20,10 +20,10 @@ yardstick for the convolutions of a training step.
 import argparse
 import json
 import os
-import pathlib
-import platform
 import sys
 import time
+
+from common import cpu_name
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -56,16 +56,6 @@ def parse_args(argv=None):
     if args.repeats < 1 or args.round_seconds <= 0:
         p.error("--repeats and --round-seconds must be positive")
     return args
-
-
-def cpu_name():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def best_seconds_per_call(call, repeats, round_seconds):

@@ -22,16 +22,22 @@ def tiny_config(**kw):
     return TrainConfig(**values)
 
 
-def test_a_few_steps_cut_the_loss(tiny_data_dir):
-    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
-    cfg = tiny_config()
+def loaded_session(ds, cfg):
+    """A session with ``cfg``'s initialised training graph and ``ds.train`` loaded into it."""
     g = tf.Graph()
     with g.as_default():
         t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train))
         init = tf1.global_variables_initializer()
-    with tf1.Session(graph=g) as sess:
-        sess.run(init)
-        sess.run(t.load_data, {t.data_images: ds.train.images, t.data_labels: ds.train.labels})
+    sess = tf1.Session(graph=g)
+    sess.run(init)
+    sess.run(t.load_data, {t.data_images: ds.train.images, t.data_labels: ds.train.labels})
+    return sess, t
+
+
+def test_a_few_steps_cut_the_loss(tiny_data_dir):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    sess, t = loaded_session(ds, tiny_config())
+    with sess:
         feed = {t.images: ds.valid.images, t.labels: ds.valid.labels}
         before = sess.run(t.loss, feed)
         for step in range(15):
@@ -45,13 +51,8 @@ def test_in_graph_batches_follow_the_epoch_order(tiny_data_dir):
     ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
     cfg = tiny_config()
     order = epoch_order(0, 1, len(ds.train))
-    g = tf.Graph()
-    with g.as_default():
-        t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train))
-        init = tf1.global_variables_initializer()
-    with tf1.Session(graph=g) as sess:
-        sess.run(init)
-        sess.run(t.load_data, {t.data_images: ds.train.images, t.data_labels: ds.train.labels})
+    sess, t = loaded_session(ds, cfg)
+    with sess:
         sess.run(t.set_permutation, {t.permutation: order})
         images, labels = sess.run([t.images, t.labels], {t.batch_index: 2})
     np.testing.assert_array_equal(images, ds.train.images[order[100:150]])
