@@ -27,11 +27,15 @@ def test_real_data_loads_with_the_documented_statistics(real_data_dir):
 
 
 def test_one_epoch_of_resnet32_on_2000_real_images_beats_chance(real_data_dir, tmp_path):
-    cfg = make_config("original", "seed", epochs=1, train_examples=2000, valid_size=2000)
+    # Adam at the seed recipe's lr 0.005 is erratic over only 20 steps (the moving
+    # averages of batch norm lag far behind); 40 steps at lr 0.001 learn steadily.
+    cfg = make_config("original", "seed", epochs=1, train_examples=2000, valid_size=2000,
+                      batch_size=50, lr=0.001)
     result = train_run(cfg, data_dir=real_data_dir, out=tmp_path, quiet=True)
     run = history.read_run(result["history"], cfg.name)
     assert run.epochs == 1
-    # 10,000 test images: chance is 10% +- 0.3%; 20 Adam steps reach well above it.
+    # 10,000 test images: chance is 10% with a standard error of 0.3%, so 15% is
+    # more than 15 standard errors above it.
     assert result["test"].examples == 10000
     assert result["test"].accuracy > 0.15, result["test"].accuracy
     assert run.attrs["test_acc"] == result["test"].accuracy
