@@ -82,14 +82,17 @@ def test_summary_json(tmp_path):
     assert "stage3" in text and "464,154" in text
 
 
-def test_bench_json():
+@pytest.mark.parametrize("input_mode,precision", [("graph", "fp32"), ("feed", "bf16")])
+def test_bench_json(input_mode, precision):
     result = invoke("bench", "plain", "--depth", "8", "--batch-size", "10", "--steps", "2",
-                    "--warmup", "1", "--json")
+                    "--warmup", "1", "--json", "--input", input_mode, "--precision", precision)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     for key in ("model", "depth", "batch_size", "precision", "device", "images_per_sec"):
         assert key in out
     assert out["model"] == "plain" and out["batch_size"] == 10 and out["images_per_sec"] > 0
+    assert out["precision"] == precision
+    assert out["input"] == ("feed_dict" if input_mode == "feed" else "in-graph")
 
 
 @pytest.mark.parametrize("args", [
