@@ -629,7 +629,8 @@ def _check_row(name: str, row: dict) -> dict[str, float | int]:
             raise HistoryError(f"{key} {value!r} of run {name} is not a number")
         values[key] = float(value)
     for key in ACCURACY_FIELDS:
-        if not _is_fraction(values[key]):
+        # NaN means "not measured" (e.g. valid_acc of a run with --valid-size 0).
+        if not (math.isnan(values[key]) or _is_fraction(values[key])):
             raise HistoryError(
                 f"{key} {values[key]!r} of run {name} is not a fraction in [0, 1]; "
                 "store accuracies as fractions, not percentages"

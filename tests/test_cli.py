@@ -171,3 +171,14 @@ def test_resume_through_the_cli(tiny_data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     run = history.read_run(tmp_path / "histories.h5", "plain-8")
     assert list(run.columns["epoch"]) == [1, 2]
+
+
+def test_a_run_without_validation_split(tiny_data_dir, tmp_path):
+    result = invoke("train", "plain", "--depth", "8", "--epochs", "1", "--batch-size", "50",
+                    "--valid-size", "0", "--data-dir", tiny_data_dir, "--out", tmp_path, "--quiet")
+    assert result.exit_code == 0, result.output
+    run = history.read_run(tmp_path / "histories.h5", "plain-8")
+    assert run.epochs == 1 and run.columns["valid_acc"][0] != run.columns["valid_acc"][0]  # NaN
+    assert 0 <= run.attrs["test_acc"] <= 1
+    result = invoke("eval", "--ckpt", tmp_path / "plain-8", "--split", "valid")
+    assert_one_line_error(result, "no valid split")

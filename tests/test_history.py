@@ -192,7 +192,7 @@ def test_first_epoch_must_be_one(hfile):
     [
         ({"train_acc": 1.5}, "train_acc.*fraction"),
         ({"valid_acc": -0.1}, "valid_acc.*fraction"),
-        ({"valid_acc": float("nan")}, "valid_acc.*fraction"),
+        ({"valid_acc": float("inf")}, "valid_acc.*fraction"),
         ({"lr": "fast"}, "lr.*not a number"),
         ({"bad/name": 1.0}, "column name"),
     ],
@@ -213,6 +213,13 @@ def test_row_missing_field_refused(filled):
 def test_nan_loss_is_recorded(filled):
     history.append_epoch(filled, "base", make_row(4, train_loss=float("nan")))
     assert np.isnan(history.read_run(filled, "base").columns["train_loss"][-1])
+
+
+def test_nan_accuracy_means_not_measured(filled):
+    """A run with --valid-size 0 has no validation metrics: NaN, not a refusal."""
+    history.append_epoch(filled, "base", make_row(4, valid_loss=float("nan"),
+                                                  valid_acc=float("nan")))
+    assert np.isnan(history.read_run(filled, "base").columns["valid_acc"][-1])
 
 
 def test_existing_run_refused_without_exist_ok(filled):
