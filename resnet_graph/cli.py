@@ -15,7 +15,7 @@ import pathlib
 import click
 
 from .config import MODEL_ALIASES, RECIPES, check_depth
-from .errors import UserError
+from .errors import TrainingInterrupted, UserError
 
 DEFAULT_OUT = "checkpoints"
 TF_COMMANDS = ("train", "eval", "summary", "bench")
@@ -62,6 +62,9 @@ class Group(click.Group):
             raise
         except UserError as e:
             raise click.ClickException(str(e)) from None
+        except TrainingInterrupted as e:
+            click.echo(str(e), err=True)
+            ctx.exit(128 + int(e.signal_number))
         except Exception as e:  # noqa: BLE001 - the contract: one line, no traceback
             if os.environ.get("RESNET_GRAPH_DEBUG"):
                 raise

@@ -19,3 +19,15 @@ class HistoryError(UserError):
 
 class CheckpointError(UserError):
     """A run folder without a usable checkpoint or config."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a run after a step; a checkpoint holds its state.
+
+    Not a failure: the CLI prints the message (how to resume) and exits with
+    128 + the signal number, as a shell does for a signal.
+    """
+
+    def __init__(self, message, signal_number):
+        super().__init__(message)
+        self.signal_number = signal_number

@@ -154,6 +154,9 @@ class TrainTensors(ModelTensors):
     epochs_done: tf.Variable = None
     set_epochs_done: tf.Operation = None
     epoch_placeholder: tf.Tensor = None
+    epoch_progress: tf.Variable = None   # float64 [3]: loss sum, accuracy sum, seconds
+    progress_placeholder: tf.Tensor = None
+    set_epoch_progress: tf.Operation = None
     batch_index: tf.Tensor = None
     data_images: tf.Tensor = None      # placeholders that load the training set
     data_labels: tf.Tensor = None
@@ -290,12 +293,20 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
     epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
                                    trainable=False)
     epoch_placeholder = tf1.placeholder(tf.int64, [], name="epoch")
+    # The running sums of an unfinished epoch, so that a checkpoint written in
+    # the middle of an epoch (Ctrl-C) resumes with the same epoch metrics.
+    epoch_progress = tf1.get_variable("epoch_progress", [3], tf.float64, tf1.zeros_initializer(),
+                                      trainable=False)
+    progress_placeholder = tf1.placeholder(tf.float64, [3], name="progress")
     fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(ModelTensors)}
     return TrainTensors(
         **fields, total_loss=total_loss, learning_rate=lr,
         train_op=tf.group(train_op, name="train_op"), global_step=global_step,
         epochs_done=epochs_done, set_epochs_done=epochs_done.assign(epoch_placeholder).op,
-        epoch_placeholder=epoch_placeholder, batch_index=batch_index,
+        epoch_placeholder=epoch_placeholder, epoch_progress=epoch_progress,
+        progress_placeholder=progress_placeholder,
+        set_epoch_progress=epoch_progress.assign(progress_placeholder).op,
+        batch_index=batch_index,
         data_images=data_images, data_labels=data_labels,
         load_data=tf.group(images_var.initializer, labels_var.initializer, order.initializer),
         permutation=permutation, set_permutation=order.assign(permutation).op,

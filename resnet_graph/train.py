@@ -14,6 +14,8 @@ history never has gaps or duplicates.
 
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Callable, Optional
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, history
 from .config import TrainConfig
-from .errors import UserError
+from .errors import TrainingInterrupted, UserError
 from .evaluate import Metrics, evaluate
 from .graph import (build_train_graph, gpu_available, resolve_data_format, resolve_precision,
                     session_config)
@@ -65,7 +67,7 @@ class Trainer:
         self.history_path = pathlib.Path(history_path)
         self.resume = resume
         self.log = log
-        self.progress = progress
+        self.progress_bar = progress
         self.eval_batch_size = eval_batch_size
         gpu = gpu_available()
         self.precision = resolve_precision(cfg.precision, gpu)
@@ -78,13 +80,16 @@ class Trainer:
         self.t = None
         self.saver = None
         self.start_epoch = 1
+        self.start_step = 0            # first step of start_epoch (after a mid-epoch stop)
+        self.progress = (0.0, 0.0, 0.0)  # that epoch's loss sum, accuracy sum, seconds
+        self.stop_signal: Optional[int] = None
         self.result: Optional[Metrics] = None
 
     # -- lifecycle -----------------------------------------------------------------
     def run(self) -> Optional[Metrics]:
         """Train the remaining epochs; return the test metrics (None if no epochs ran)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with checkpoint.run_lock(self.run_dir):
+        with checkpoint.run_lock(self.run_dir), self._stop_on_signals():
             try:
                 self.before_train()
                 for epoch in range(self.start_epoch, self.cfg.epochs + 1):
@@ -96,6 +101,38 @@ class Trainer:
                 if self.sess is not None:
                     self.sess.close()
         return self.result
+
+    def request_stop(self, signal_number: int = signal.SIGINT) -> None:
+        """Stop after the current step, write a checkpoint, raise TrainingInterrupted."""
+        self.stop_signal = signal_number
+
+    def _stop_on_signals(self):
+        """While training, SIGINT/SIGTERM request a stop after the current step; a
+        second one while stopping acts as usual (the last checkpoint stays valid)."""
+        trainer = self
+
+        class _Handlers:
+            def __enter__(self):
+                self.saved = {}
+                if threading.current_thread() is not threading.main_thread():
+                    return self
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self.saved[sig] = signal.signal(sig, self.handle)
+                return self
+
+            def handle(self, number, frame):
+                if trainer.stop_signal is not None:
+                    signal.signal(number, self.saved.get(number, signal.SIG_DFL))
+                    signal.raise_signal(number)
+                    return
+                trainer.request_stop(number)
+
+            def __exit__(self, *exc):
+                for sig, handler in self.saved.items():
+                    signal.signal(sig, handler)
+                return False
+
+        return _Handlers()
 
     def before_train(self):
         cfg, ds = self.cfg, self.dataset
@@ -110,10 +147,18 @@ class Trainer:
         prefix = checkpoint.latest(self.run_dir) if self.resume else None
         if prefix:
             checkpoint.restore(self.sess, self.saver, prefix)
-            done = int(self.sess.run(self.t.epochs_done))
-            self.start_epoch = done + 1
-            history.truncate(self.history_path, cfg.name, done)
-            self.log(f"resuming {cfg.name} after epoch {done} from {prefix}")
+            done, step, progress = self.sess.run(
+                [self.t.epochs_done, self.t.global_step, self.t.epoch_progress])
+            self.start_epoch = int(done) + 1
+            self.start_step = int(step) - int(done) * self.steps_per_epoch
+            if not 0 <= self.start_step <= self.steps_per_epoch:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {prefix} is at step {step}, which does not fit epoch {done} "
+                    f"with {self.steps_per_epoch} steps per epoch; was config.json edited?")
+            self.progress = tuple(float(v) for v in progress)
+            history.truncate(self.history_path, cfg.name, int(done))
+            where = f" and step {self.start_step} of epoch {done + 1}" if self.start_step else ""
+            self.log(f"resuming {cfg.name} after epoch {done}{where} from {prefix}")
         else:
             self.sess.run(init)
             self._write_config()
@@ -129,14 +174,20 @@ class Trainer:
         self.sess.run(self.t.set_permutation, {self.t.permutation: order})
 
     def run_epoch(self, epoch: int) -> dict:
-        """All training steps of one epoch; returns the partial history row."""
+        """The training steps of one epoch; returns the partial history row.
+
+        Starts at ``start_step`` with the restored sums when a checkpoint was
+        written in the middle of this epoch. A requested stop ends it after the
+        current step with a checkpoint (see :meth:`request_stop`).
+        """
         t, cfg = self.t, self.cfg
-        start = time.perf_counter()
-        loss_sum = hits = 0.0
+        first = self.start_step if epoch == self.start_epoch else 0
+        loss_sum, hits, before = self.progress if first else (0.0, 0.0, 0.0)
+        start = time.perf_counter() - before
         fetches = [t.train_op, t.loss, t.accuracy, t.learning_rate]
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
-                   unit="step", leave=False, disable=None if self.progress else True,
-                   dynamic_ncols=True)
+        bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
+                   unit="step", leave=False, disable=None if self.progress_bar else True,
+                   dynamic_ncols=True, initial=first, total=self.steps_per_epoch)
         lr = float("nan")
         for step in bar:
             _, loss, acc, lr = self.sess.run(fetches, {t.batch_index: step, t.training: True})
@@ -145,17 +196,37 @@ class Trainer:
                                     "the last good checkpoint is kept: lower --lr and --resume")
             loss_sum += loss
             hits += acc
+            self.after_step(epoch, step)
+            if self.stop_signal is not None:
+                bar.close()
+                self._stop(epoch, step + 1, (loss_sum, hits, time.perf_counter() - start))
             if bar.disable is False and step % 10 == 0:
-                seen = (step + 1) * cfg.batch_size
+                done = step + 1 - first
                 bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}",
                                 acc=f"{hits / (step + 1):.3f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                                img_s=f"{done * cfg.batch_size / (time.perf_counter() - start):.0f}")
         bar.close()
         train_seconds = time.perf_counter() - start
         n = self.steps_per_epoch
         return {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": hits / n,
                 "lr": float(lr), "train_seconds": train_seconds,
-                "images_per_sec": n * cfg.batch_size / train_seconds, "_start": start}
+                "images_per_sec": (n - first) * cfg.batch_size / (train_seconds - before)
+                if train_seconds > before else float("nan"),
+                "_start": start}
+
+    def after_step(self, epoch: int, step: int) -> None:
+        """Called after every training step (0-based ``step`` of ``epoch``); a hook."""
+
+    def _stop(self, epoch: int, steps_done: int, progress) -> None:
+        t = self.t
+        self.sess.run(t.set_epoch_progress, {t.progress_placeholder: list(progress)})
+        prefix = checkpoint.save(self.sess, self.saver, self.run_dir,
+                                 int(self.sess.run(t.global_step)))
+        name = signal.Signals(self.stop_signal).name
+        raise TrainingInterrupted(
+            f"{name}: stopped after step {steps_done} of epoch {epoch}; checkpoint {prefix} "
+            f"written; continue with: resnet-graph train {self.cfg.model} --name {self.cfg.name} "
+            f"--out {self.run_dir.parent} --resume", self.stop_signal)
 
     def after_epoch(self, epoch: int, row: dict):
         start = row.pop("_start")
@@ -168,6 +239,7 @@ class Trainer:
         row["seconds"] = time.perf_counter() - start
         history.append_epoch(self.history_path, self.cfg.name, row)
         self.sess.run(self.t.set_epochs_done, {self.t.epoch_placeholder: epoch})
+        self.sess.run(self.t.set_epoch_progress, {self.t.progress_placeholder: [0.0, 0.0, 0.0]})
         checkpoint.save(self.sess, self.saver, self.run_dir, int(self.sess.run(self.t.global_step)))
         self.log(f"epoch {epoch}/{self.cfg.epochs}  "
                  f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "

@@ -1,0 +1,81 @@
+"""Ctrl-C / SIGTERM: stop after the current step, checkpoint, resume where it stopped."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from resnet_graph import checkpoint, data, history
+from resnet_graph.config import TrainConfig
+from resnet_graph.errors import TrainingInterrupted
+from resnet_graph.train import Trainer
+
+
+def tiny_config(**kw):
+    values = dict(model="original", depth=8, epochs=3, batch_size=50, valid_size=50, lr=0.01,
+                  augment=True)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+class StopAt(Trainer):
+    """A trainer that asks to stop after step ``step`` of epoch ``epoch`` (as Ctrl-C would)."""
+
+    def __init__(self, *args, stop_at=(2, 1), **kw):
+        super().__init__(*args, **kw)
+        self.stop_at = stop_at
+
+    def after_step(self, epoch, step):
+        if (epoch, step) == self.stop_at:
+            self.request_stop(signal.SIGINT)
+
+
+def test_a_stop_mid_epoch_resumes_at_the_same_step(tiny_data_dir, tmp_path):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    hist = tmp_path / "h.h5"
+    quiet = dict(log=lambda s: None, progress=False)
+    Trainer(tiny_config(name="straight"), ds, tmp_path / "straight", hist, **quiet).run()
+    cfg = tiny_config(name="stopped")
+    with pytest.raises(TrainingInterrupted, match="step 2 of epoch 2.*--resume") as info:
+        StopAt(cfg, ds, tmp_path / "stopped", hist, stop_at=(2, 1), **quiet).run()
+    assert info.value.signal_number == signal.SIGINT
+    # The stop wrote a checkpoint at global step 5 + 2 and kept epoch 1's row only.
+    assert checkpoint.latest(tmp_path / "stopped").endswith("model.ckpt-7")
+    assert history.read_run(hist, "stopped").epochs == 1
+    Trainer(cfg, ds, tmp_path / "stopped", hist, resume=True, **quiet).run()
+    a, b = history.read_run(hist, "straight"), history.read_run(hist, "stopped")
+    assert list(b.columns["epoch"]) == [1, 2, 3]
+    # The same steps on the same batches: the epoch metrics, including epoch 2's
+    # train loss summed across the stop, agree up to floating-point noise.
+    for field in ("train_loss", "train_acc", "valid_loss", "valid_acc"):
+        np.testing.assert_allclose(b.columns[field], a.columns[field], rtol=2e-3, atol=2e-3)
+    assert b.attrs["test_acc"] == pytest.approx(a.attrs["test_acc"], abs=0.02)
+
+
+def test_sigint_to_the_cli_checkpoints_and_says_how_to_resume(tiny_data_dir, tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "resnet-graph")
+    args = [exe, "train", "plain", "--depth", "8", "--batch-size", "50", "--valid-size", "50",
+            "--data-dir", str(tiny_data_dir), "--out", str(tmp_path)]
+    proc = subprocess.Popen(args + ["--epochs", "200"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    index = tmp_path / "plain-8" / "checkpoint"
+    deadline = time.monotonic() + 120
+    while not index.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "--resume" in err and "Traceback" not in err
+    done = history.read_run(tmp_path / "histories.h5", "plain-8").epochs
+    assert 1 <= done < 200
+    resumed = subprocess.run(args + ["--resume", "--epochs", str(done + 1), "--quiet"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    run = history.read_run(tmp_path / "histories.h5", "plain-8")
+    assert list(run.columns["epoch"]) == list(range(1, done + 2))
+    assert "test_acc" in run.attrs
