@@ -157,6 +157,7 @@ class Trainer:
                     f"with {self.steps_per_epoch} steps per epoch; was config.json edited?")
             self.progress = tuple(float(v) for v in progress)
             history.truncate(self.history_path, cfg.name, int(done))
+            history.set_attrs(self.history_path, cfg.name, status=None, failure=None)
             where = f" and step {self.start_step} of epoch {done + 1}" if self.start_step else ""
             self.log(f"resuming {cfg.name} after epoch {done}{where} from {prefix}")
         else:
@@ -185,15 +186,25 @@ class Trainer:
         loss_sum, hits, before = self.progress if first else (0.0, 0.0, 0.0)
         start = time.perf_counter() - before
         fetches = [t.train_op, t.loss, t.accuracy, t.learning_rate]
+        if t.skipped_steps is not None:      # fp16: a loss-scale skip is not a failure
+            fetches.append(t.skipped_steps)
+        skipped = int(self.sess.run(t.skipped_steps)) if t.skipped_steps is not None else 0
         bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
                    unit="step", leave=False, disable=None if self.progress_bar else True,
                    dynamic_ncols=True, initial=first, total=self.steps_per_epoch)
         lr = float("nan")
         for step in bar:
-            _, loss, acc, lr = self.sess.run(fetches, {t.batch_index: step, t.training: True})
+            _, loss, acc, lr, *skips = self.sess.run(fetches,
+                                                     {t.batch_index: step, t.training: True})
+            if skips and skips[0] > skipped:
+                # Loss scaling skipped this step; if its loss overflowed too, count
+                # the epoch's running mean so far instead of inf.
+                skipped = skips[0]
+                if not math.isfinite(loss):
+                    loss = loss_sum / step if step else 0.0
             if not math.isfinite(loss):
-                raise TrainingError(f"loss became {loss} at epoch {epoch}, step {step + 1}; "
-                                    "the last good checkpoint is kept: lower --lr and --resume")
+                self._fail(f"loss became {loss} at epoch {epoch}, step {step + 1}; the last "
+                           "good checkpoint is kept: lower --lr and --resume")
             loss_sum += loss
             hits += acc
             self.after_step(epoch, step)
@@ -213,6 +224,11 @@ class Trainer:
                 "images_per_sec": (n - first) * cfg.batch_size / (train_seconds - before)
                 if train_seconds > before else float("nan"),
                 "_start": start}
+
+    def _fail(self, message: str) -> None:
+        """Mark the history run as failed (no row is appended) and stop with ``message``."""
+        history.set_attrs(self.history_path, self.cfg.name, status="failed", failure=message)
+        raise TrainingError(message)
 
     def after_step(self, epoch: int, step: int) -> None:
         """Called after every training step (0-based ``step`` of ``epoch``); a hook."""

@@ -187,3 +187,27 @@ def test_trainer_refuses_a_batch_larger_than_the_data(tiny_data_dir, tmp_path):
     ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
     with pytest.raises(UserError, match="batch size"):
         Trainer(tiny_config(batch_size=1000), ds, tmp_path / "r", tmp_path / "h.h5")
+
+
+class PoisonAt(Trainer):
+    """A trainer whose weights turn NaN after step 0 of epoch 2 (a diverging run)."""
+
+    def after_step(self, epoch, step):
+        if (epoch, step) == (2, 0):
+            kernel = [v for v in self.sess.graph.get_collection("trainable_variables")
+                      if v.op.name.endswith("stem/conv/kernel")][0]
+            with self.sess.graph.as_default():
+                kernel.load(np.full(kernel.shape, np.nan, np.float32), self.sess)
+
+
+def test_a_diverging_run_stops_and_is_marked_failed(tiny_data_dir, tmp_path):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    hist = tmp_path / "h.h5"
+    trainer = PoisonAt(tiny_config(epochs=3), ds, tmp_path / "run", hist,
+                       log=lambda s: None, progress=False)
+    with pytest.raises(UserError, match="loss became nan at epoch 2, step 2"):
+        trainer.run()
+    run = history.read_run(hist, "original-8")
+    assert run.attrs["status"] == "failed" and "epoch 2" in run.attrs["failure"]
+    assert run.epochs == 1                      # no garbage row appended
+    assert checkpoint.latest(tmp_path / "run").endswith("model.ckpt-5")  # epoch 1's, untouched
