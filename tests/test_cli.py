@@ -182,3 +182,32 @@ def test_a_run_without_validation_split(tiny_data_dir, tmp_path):
     assert 0 <= run.attrs["test_acc"] <= 1
     result = invoke("eval", "--ckpt", tmp_path / "plain-8", "--split", "valid")
     assert_one_line_error(result, "no valid split")
+
+
+def test_config_edited_to_another_depth_is_refused(trained, tmp_path):
+    root, folder = trained
+    run_dir = tmp_path / "copy"
+    shutil.copytree(root / "out" / "preact-8", run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["depth"] = 14
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert_one_line_error(invoke("eval", "--ckpt", run_dir, "--data-dir", folder),
+                          "does not fit this model")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_valid_size_larger_than_the_training_set(tiny_data_dir, tmp_path):
+    result = invoke("train", "original", "--depth", "8", "--valid-size", "100000",
+                    "--data-dir", tiny_data_dir, "--out", tmp_path / "o")
+    assert_one_line_error(result, "--valid-size")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_out(tiny_data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = invoke("train", "original", *TINY, "--data-dir", tiny_data_dir,
+                    "--out", blocker / "runs")
+    assert_one_line_error(result, "--out")
+    assert blocker.read_text() == "not a folder"
