@@ -2,8 +2,13 @@
 so this folder is on sys.path). They do not import resnet_graph on purpose: the references
 must stand on their own."""
 
+import argparse
 import pathlib
 import platform
+
+EXPECTED_PARAMS = 464_154          # trainable parameters of ResNet-32, option A
+STAGE_FILTERS = (16, 32, 64)
+NUM_CLASSES = 10
 
 
 def cpu_name() -> str:
@@ -24,3 +29,15 @@ def check_training_args(parser, args):
     if args.steps < 1 or args.warmup < 1 or args.batch_size < 1:
         parser.error("--steps, --warmup and --batch-size must be at least 1")
     return args
+
+
+def training_parser(description: str) -> argparse.ArgumentParser:
+    """The options every reference trainer takes (depth, batch, steps, precision, ...)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--depth", type=int, default=32, help="6n+2; the check of the parameter "
+                   "count applies to 32 only")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--steps", type=int, default=50, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (at least 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    return p

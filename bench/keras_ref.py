@@ -11,31 +11,20 @@ held in memory (a tf.data pipeline over in-memory tensors, batch 100) for
 and images/s is taken over the ``steps`` batches after the warm-up ones.
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
-from common import check_training_args, cpu_name
+from common import (EXPECTED_PARAMS, NUM_CLASSES, STAGE_FILTERS, check_training_args, cpu_name,
+                    training_parser)
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-EXPECTED_PARAMS = 464_154
-STAGE_FILTERS = (16, 32, 64)
-NUM_CLASSES = 10
-
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=32, help="6n+2; the check of the parameter "
-                   "count applies to 32 only")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--steps", type=int, default=50, help="timed training steps")
-    p.add_argument("--warmup", type=int, default=10,
-                   help="untimed steps first (at least 1: the first one traces the function)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p = training_parser(__doc__.split("\n\n")[0])
     p.add_argument("--xla", action="store_true", help="compile the train step with XLA "
                    "(jit_compile=True); off by default, like resnet-graph bench")
     p.add_argument("--num-images", type=int, default=5000)

@@ -12,27 +12,18 @@ float32. CPU work in PyTorch is synchronous, so the wall clock around the loop i
 the time of the steps.
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
-from common import check_training_args, cpu_name
+from common import (EXPECTED_PARAMS, NUM_CLASSES, STAGE_FILTERS, check_training_args, cpu_name,
+                    training_parser)
 
-EXPECTED_PARAMS = 464_154
-STAGE_FILTERS = (16, 32, 64)
-NUM_CLASSES = 10
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--depth", type=int, default=32, help="6n+2; the check of the parameter "
-                   "count applies to 32 only")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--steps", type=int, default=50, help="timed training steps")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (at least 1)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p = training_parser(__doc__.split("\n\n")[0])
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"),
                    default="channels_last",
                    help="layout of the images and weights: channels_last (NHWC in memory, "
