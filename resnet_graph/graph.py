@@ -36,7 +36,7 @@ import tensorflow as tf
 
 from . import models, ops
 from .config import TrainConfig
-from .runtime import cpu_has_bf16, gpu_count
+from .runtime import gpu_count
 
 tf1 = tf.compat.v1
 
@@ -54,17 +54,16 @@ def gpu_available() -> bool:
 
 
 def resolve_precision(precision: str, gpu: Optional[bool] = None) -> str:
-    """``auto``: fp16 on a GPU; bf16 on a CPU with bf16 units; else fp32.
+    """``auto``: fp16 (with loss scaling) on a GPU, fp32 on a CPU.
 
-    On the 2-core Sapphire Rapids CPU of docs/performance.md bf16 trains
-    ResNet-32 about 1.5x faster than fp32 and ends a fixed short run as
-    accurate (docs/performance.md has both measurements).
+    bf16 trains ResNet-32 1.7x faster on a CPU with bf16 units, but in four
+    short paired runs (docs/results.md) it ended 1.9 points below fp32 on
+    average, so ``auto`` does not pick it until a longer protocol shows that it
+    keeps accuracy; ``--precision bf16`` asks for it.
     """
     if precision != "auto":
         return precision
-    if gpu_available() if gpu is None else gpu:
-        return "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp16" if (gpu_available() if gpu is None else gpu) else "fp32"
 
 
 def resolve_data_format(data_format: str, gpu: Optional[bool] = None,

@@ -78,4 +78,5 @@ def describe_device() -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {model} ({os.cpu_count()} cores)"
+    units = ", bf16 units" if cpu_has_bf16() else ""
+    return f"CPU: {model} ({os.cpu_count()} cores{units})"

@@ -108,13 +108,12 @@ def test_nchw_graph_trains_and_matches_nhwc(precision):
     np.testing.assert_allclose(results["NCHW"][0], results["NHWC"][0], rtol=tol, atol=tol)
 
 
-def test_auto_precision_and_layout_per_device(monkeypatch):
+def test_auto_precision_and_layout_per_device():
     from resnet_graph import graph
     assert graph.resolve_precision("auto", gpu=True) == "fp16"
-    monkeypatch.setattr(graph, "cpu_has_bf16", lambda: True)
-    assert graph.resolve_precision("auto", gpu=False) == "bf16"
-    monkeypatch.setattr(graph, "cpu_has_bf16", lambda: False)
+    # bf16 is opt-in on CPUs until its accuracy is shown (docs/results.md).
     assert graph.resolve_precision("auto", gpu=False) == "fp32"
+    assert graph.resolve_precision("bf16", gpu=False) == "bf16"
     assert graph.resolve_precision("fp16", gpu=False) == "fp16"
     assert graph.resolve_data_format("auto", gpu=False) == "NHWC"
     assert graph.resolve_data_format("auto", gpu=True, precision="fp32") == "NCHW"
