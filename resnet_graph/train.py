@@ -12,6 +12,7 @@ checkpoint and drops the history rows after it (``history.truncate``), so the
 history never has gaps or duplicates.
 """
 
+import contextlib
 import math
 import pathlib
 import signal
@@ -106,33 +107,29 @@ class Trainer:
         """Stop after the current step, write a checkpoint, raise TrainingInterrupted."""
         self.stop_signal = signal_number
 
+    @contextlib.contextmanager
     def _stop_on_signals(self):
         """While training, SIGINT/SIGTERM request a stop after the current step; a
         second one while stopping acts as usual (the last checkpoint stays valid)."""
-        trainer = self
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        saved = {}
 
-        class _Handlers:
-            def __enter__(self):
-                self.saved = {}
-                if threading.current_thread() is not threading.main_thread():
-                    return self
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    self.saved[sig] = signal.signal(sig, self.handle)
-                return self
+        def handle(number, frame):
+            if self.stop_signal is not None:
+                signal.signal(number, saved.get(number) or signal.SIG_DFL)
+                signal.raise_signal(number)
+                return
+            self.request_stop(number)
 
-            def handle(self, number, frame):
-                if trainer.stop_signal is not None:
-                    signal.signal(number, self.saved.get(number, signal.SIG_DFL))
-                    signal.raise_signal(number)
-                    return
-                trainer.request_stop(number)
-
-            def __exit__(self, *exc):
-                for sig, handler in self.saved.items():
-                    signal.signal(sig, handler)
-                return False
-
-        return _Handlers()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, handle)
+        try:
+            yield
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     def before_train(self):
         cfg, ds = self.cfg, self.dataset
