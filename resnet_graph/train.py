@@ -239,7 +239,11 @@ class Trainer:
         raise TrainingInterrupted(
             f"{name}: stopped after step {steps_done} of epoch {epoch}; checkpoint {prefix} "
             f"written; continue with: resnet-graph train {self.cfg.model} --name {self.cfg.name} "
-            f"--out {self.run_dir.parent} --resume", self.stop_signal)
+            f"--out {self.run_dir.parent}{self._history_option()} --resume", self.stop_signal)
+
+    def _history_option(self) -> str:
+        default = self.run_dir.parent / "histories.h5"
+        return "" if self.history_path == default else f" --history {self.history_path}"
 
     def after_epoch(self, epoch: int, row: dict):
         start = row.pop("_start")
