@@ -45,6 +45,18 @@ DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type
                              "(else $RESNET_GRAPH_DATA_DIR, else the user cache).")
 
 
+def _steps(value):
+    if value is None:
+        return None
+    try:
+        steps = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of steps") from None
+    if any(b < 1 for b in steps) or list(steps) != sorted(set(steps)):
+        raise click.BadParameter(f"{value!r}: steps must be positive and increasing")
+    return steps
+
+
 def _positive(ctx, param, value):
     if value is not None and value < 1:
         raise click.BadParameter(f"must be at least 1, got {value}")
@@ -98,6 +110,9 @@ def cli():
 @click.option("--lr", type=float, help="Base learning rate [recipe].")
 @click.option("--optimizer", type=click.Choice(["adam", "momentum"]), help="[recipe]")
 @click.option("--weight-decay", type=float, help="L2 coefficient on kernels [recipe].")
+@click.option("--lr-boundaries", callback=lambda ctx, param, value: _steps(value),
+              help="Comma-separated optimizer steps at which the lr is divided by 10 "
+                   "(a step schedule) [recipe].")
 @click.option("--augment/--no-augment", default=None,
               help="4-pixel pad + random crop + horizontal flip [recipe].")
 @click.option("--valid-size", type=click.IntRange(min=0),
@@ -122,6 +137,8 @@ def train(model, depth, recipe, data_dir, out, name, history, resume, quiet, see
     """Train MODEL on CIFAR-10 and record its history and checkpoints."""
     from .config import make_config
     from .train import train_run
+    if options.get("lr_boundaries") is not None:
+        options["lr_schedule"] = "step"
     try:
         cfg = make_config(model, recipe, depth=depth, name=name, seed=seed, precision=precision,
                           data_format=data_format, xla=xla, **options)

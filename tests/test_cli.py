@@ -100,6 +100,7 @@ def test_bench_json(input_mode, precision):
     ["summary", "original", "--depth", "30"], ["train", "original", "--epochs", "0"],
     ["train", "original", "--batch-size", "-1"], ["train", "original", "--lr", "-0.1"],
     ["eval"], ["train", "original", "--precision", "fp8"],
+    ["train", "original", "--lr-boundaries", "5,2"], ["train", "original", "--lr-boundaries", "x"],
 ])
 def test_usage_mistakes_exit_2(args):
     assert invoke(*args).exit_code == 2
@@ -211,3 +212,15 @@ def test_unwritable_out(tiny_data_dir, tmp_path):
                     "--out", blocker / "runs")
     assert_one_line_error(result, "--out")
     assert blocker.read_text() == "not a folder"
+
+
+def test_lr_boundaries_make_a_step_schedule(tiny_data_dir, tmp_path):
+    result = invoke("train", "plain", "--depth", "8", "--epochs", "2", "--batch-size", "50",
+                    "--valid-size", "50", "--optimizer", "momentum", "--lr", "0.1",
+                    "--lr-boundaries", "3,6", "--data-dir", tiny_data_dir, "--out", tmp_path,
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    run = history.read_run(tmp_path / "histories.h5", "plain-8")
+    # 5 steps per epoch: the last step of epoch 1 is step 4 (lr 0.01), of epoch 2 step 9 (0.001).
+    assert list(run.columns["lr"]) == pytest.approx([0.01, 0.001])
+    assert run.attrs["config"]["lr_schedule"] == "step"
