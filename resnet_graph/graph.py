@@ -56,10 +56,10 @@ def gpu_available() -> bool:
 def resolve_precision(precision: str, gpu: Optional[bool] = None) -> str:
     """``auto``: fp16 (with loss scaling) on a GPU, fp32 on a CPU.
 
-    bf16 trains ResNet-32 1.7x faster on a CPU with bf16 units, but in four
-    short paired runs (docs/results.md) it ended 1.9 points below fp32 on
-    average, so ``auto`` does not pick it until a longer protocol shows that it
-    keeps accuracy; ``--precision bf16`` asks for it.
+    bf16 trains ResNet-32 1.7x faster on a CPU with bf16 units, but six short
+    paired runs (docs/results.md) ended 1.0 point below fp32 on average, with
+    seed-to-seed noise larger than that, so ``auto`` does not pick it until a
+    longer protocol shows that it keeps accuracy; ``--precision bf16`` asks for it.
     """
     if precision != "auto":
         return precision
