@@ -24,6 +24,8 @@ tf1 = tf.compat.v1
 
 CHECKPOINT_PREFIX = "model.ckpt"
 LOCK_FILE = ".lock"
+BEST_DIR = "best"            # <run>/best/: the checkpoint with the best validation accuracy
+BEST_INFO = "best.json"      # <run>/best/best.json: its epoch and validation accuracy
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -86,12 +88,42 @@ def latest(run_dir) -> Optional[str]:
     return None
 
 
-def require_latest(run_dir) -> str:
+def require_latest(run_dir, best: bool = False) -> str:
+    """The latest checkpoint of ``run_dir`` (or, with ``best``, its best-validation one)."""
+    if best:
+        prefix = latest(pathlib.Path(run_dir) / BEST_DIR)
+        if prefix is None:
+            raise CheckpointError(f"{run_dir} has no best checkpoint (it is kept only when the "
+                                  "run holds out a validation split); drop --best")
+        return prefix
     prefix = latest(run_dir)
     if prefix is None:
         raise CheckpointError(f"no checkpoint in {run_dir}: pass --ckpt a run folder that "
                               "'resnet-graph train' has written")
     return prefix
+
+
+def save_best(sess, saver, run_dir, epoch: int, valid_acc: float) -> str:
+    """Keep the model of ``epoch`` as the run's best checkpoint (``saver`` keeps one).
+
+    The Saver replaces its state file atomically, so a kill leaves the previous
+    best checkpoint in place; best.json (for people and reports) follows it.
+    """
+    folder = pathlib.Path(run_dir) / BEST_DIR
+    folder.mkdir(exist_ok=True)
+    prefix = save(sess, saver, folder, epoch)
+    atomic_write_text(folder / BEST_INFO, json.dumps(
+        {"epoch": epoch, "valid_acc": valid_acc, "checkpoint": pathlib.Path(prefix).name}))
+    return prefix
+
+
+def read_best(run_dir) -> Optional[dict]:
+    """best.json of ``run_dir`` as a dict (epoch, valid_acc, checkpoint), or None."""
+    path = pathlib.Path(run_dir) / BEST_DIR / BEST_INFO
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def make_saver(max_to_keep: int = 3):

@@ -104,12 +104,19 @@ def cli():
 @MODEL
 @DEPTH
 @click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="seed", show_default=True,
-              help="Named set of options: seed (the write-up) or he2016 (the paper).")
+              help="Named set of options: seed (the write-up), he2016 (the paper) or fast "
+                   "(about an hour on a CPU with --precision bf16).")
 @click.option("--epochs", type=int, callback=_positive, help="Epochs [recipe].")
 @click.option("--batch-size", type=int, callback=_positive, help="Images per step [recipe].")
 @click.option("--lr", type=float, help="Base learning rate [recipe].")
 @click.option("--optimizer", type=click.Choice(["adam", "momentum"]), help="[recipe]")
+@click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum [recipe].")
 @click.option("--weight-decay", type=float, help="L2 coefficient on kernels [recipe].")
+@click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]),
+              help="constant; step (see --lr-boundaries); cosine (linear warm-up over "
+                   "--warmup-epochs, then half cosine to 0) [recipe].")
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), help="[recipe]")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), help="[recipe]")
 @click.option("--lr-boundaries", callback=lambda ctx, param, value: _steps(value),
               help="Comma-separated optimizer steps at which the lr is divided by 10 "
                    "(a step schedule) [recipe].")
@@ -137,7 +144,7 @@ def train(model, depth, recipe, data_dir, out, name, history, resume, quiet, see
     """Train MODEL on CIFAR-10 and record its history and checkpoints."""
     from .config import make_config
     from .train import train_run
-    if options.get("lr_boundaries") is not None:
+    if options.get("lr_boundaries") is not None and options.get("lr_schedule") is None:
         options["lr_schedule"] = "step"
     try:
         cfg = make_config(model, recipe, depth=depth, name=name, seed=seed, precision=precision,
@@ -156,13 +163,15 @@ def train(model, depth, recipe, data_dir, out, name, history, resume, quiet, see
               help="Run folder written by 'resnet-graph train'.")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
 @click.option("--batch-size", type=int, default=500, show_default=True, callback=_positive)
+@click.option("--best", is_flag=True,
+              help="Evaluate the checkpoint with the best validation accuracy, not the latest.")
 @DATA_DIR
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def eval_cmd(run_dir, split, batch_size, data_dir, as_json):
-    """Evaluate the latest checkpoint of a run on the test or validation split."""
+def eval_cmd(run_dir, split, batch_size, best, data_dir, as_json):
+    """Evaluate the latest (or --best) checkpoint of a run on the test or validation split."""
     from .evaluate import evaluate_run
     from .data import CLASS_NAMES
-    m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir)
+    m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir, best=best)
     if as_json:
         click.echo(json.dumps(m.to_json()))
         return

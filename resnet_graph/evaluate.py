@@ -69,12 +69,13 @@ def eval_precision(saved: str) -> str:
 
 
 def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
-                 data_dir=None) -> Metrics:
-    """Rebuild the model of ``run_dir`` from its config.json, restore, evaluate ``split``."""
+                 data_dir=None, best: bool = False) -> Metrics:
+    """Rebuild the model of ``run_dir`` from its config.json, restore its latest
+    checkpoint (with ``best``, the best-validation one), evaluate ``split``."""
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
-    prefix = checkpoint.require_latest(run_dir)
+    prefix = checkpoint.require_latest(run_dir, best=best)
     folder = data.find_data_dir(data_dir or saved.get("data_dir"), progress=False)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)

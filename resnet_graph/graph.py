@@ -16,7 +16,8 @@ name                          what
 ``predictions:0``             int32 [N] argmax
 ``example_loss:0``            float32 [N] cross-entropy per image
 ``loss:0``                    mean cross-entropy of the batch
-``total_loss:0``              ``loss`` + weight decay (what is minimised)
+``total_loss:0``              ``loss`` (label-smoothed if asked) + weight decay:
+                              what is minimised
 ``correct:0``                 float32 [N], 1 where the prediction is right
 ``accuracy:0``                mean of ``correct``
 ``learning_rate:0``           the rate of the current step
@@ -107,20 +108,36 @@ def augment(images, seed, pad=4):
     return tf.gather(out, cols, axis=2, batch_dims=1)
 
 
-def learning_rate(cfg: TrainConfig, global_step):
-    """The schedule as a function of the optimizer step."""
+def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
+    """The schedule as a function of the optimizer step (see TrainConfig)."""
     if cfg.lr_schedule == "step" and cfg.lr_boundaries:
         values = [cfg.lr * cfg.lr_decay ** i for i in range(len(cfg.lr_boundaries) + 1)]
         lr = tf1.train.piecewise_constant(global_step, list(cfg.lr_boundaries), values)
+    elif cfg.lr_schedule == "cosine":
+        lr = cosine_with_warmup(cfg.lr, global_step, cfg.epochs * steps_per_epoch,
+                                min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch)
     else:
         lr = tf.constant(cfg.lr, tf.float32)
     return tf.identity(tf.cast(lr, tf.float32), name="learning_rate")
 
 
+def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps: float):
+    """Rise linearly to ``peak`` over ``warmup_steps`` (step s trains at
+    peak * (s + 1) / warmup), then fall along a half cosine to 0 at ``total_steps``."""
+    step = tf.cast(global_step, tf.float32)
+    warmup = float(warmup_steps)
+    decay_steps = max(float(total_steps) - warmup, 1.0)
+    progress = tf.clip_by_value((step - warmup) / decay_steps, 0.0, 1.0)
+    cosine = 0.5 * peak * (1.0 + tf.cos(3.141592653589793 * progress))
+    if warmup <= 0:
+        return cosine
+    return tf.where(step < warmup, peak * (step + 1.0) / warmup, cosine)
+
+
 def make_optimizer(cfg: TrainConfig, lr):
     if cfg.optimizer == "adam":
         return tf1.train.AdamOptimizer(lr, epsilon=cfg.adam_epsilon)
-    return tf1.train.MomentumOptimizer(lr, cfg.momentum)
+    return tf1.train.MomentumOptimizer(lr, cfg.momentum, use_nesterov=cfg.nesterov)
 
 
 @dataclasses.dataclass
@@ -209,6 +226,19 @@ def weight_decay_loss(cfg: TrainConfig):
     return cfg.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
 
 
+def training_loss(cfg: TrainConfig, t: "ModelTensors"):
+    """The data term that is minimised: ``loss`` itself, or with label smoothing
+    the cross-entropy against (1 - s) * one_hot + s / classes. ``loss:0`` stays
+    the plain cross-entropy, so histories compare across recipes."""
+    if not cfg.label_smoothing:
+        return t.loss
+    classes = t.logits.shape[-1]
+    off = cfg.label_smoothing / classes
+    targets = tf.one_hot(t.labels, classes, on_value=1.0 - cfg.label_smoothing + off, off_value=off)
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=t.logits),
+                          name="smoothed_loss")
+
+
 def _minimize(optimizer, loss, var_list, global_step, loss_scaling):
     """Gradients and update; with ``loss_scaling``, dynamic loss scaling.
 
@@ -281,8 +311,8 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
     with tf.xla.experimental.jit_scope() if cfg.xla else contextlib.nullcontext():
         t = attach_model(cfg, mean, std, images=batch_images, labels=batch_labels,
                          precision=precision, data_format=data_format)
-        total_loss = tf.add(t.loss, weight_decay_loss(cfg), name="total_loss")
-        lr = learning_rate(cfg, global_step)
+        total_loss = tf.add(training_loss(cfg, t), weight_decay_loss(cfg), name="total_loss")
+        lr = learning_rate(cfg, global_step, max(num_train // cfg.batch_size, 1))
         optimizer = make_optimizer(cfg, lr)
         update_ops = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS, scope=MODEL_SCOPE)
         with tf.control_dependencies(update_ops):

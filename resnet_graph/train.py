@@ -7,7 +7,8 @@ and finally ``after_train`` (test metrics); the session is closed in
 ``finally`` whatever happens.
 
 Order of writes at the end of an epoch: the history row first, then the
-checkpoint. A process killed between the two resumes from the previous
+best-validation checkpoint (``<run>/best/``) when the epoch beat every earlier
+one, then the latest checkpoint. A process killed between the two resumes from the previous
 checkpoint and drops the history rows after it (``history.truncate``), so the
 history never has gaps or duplicates.
 """
@@ -85,6 +86,9 @@ class Trainer:
         self.progress = (0.0, 0.0, 0.0)  # that epoch's loss sum, accuracy sum, seconds
         self.stop_signal: Optional[int] = None
         self.result: Optional[Metrics] = None
+        self.best_saver = None
+        self.best_acc = -math.inf       # best validation accuracy so far (from the history)
+        self.best_epoch = 0
 
     # -- lifecycle -----------------------------------------------------------------
     def run(self) -> Optional[Metrics]:
@@ -138,6 +142,7 @@ class Trainer:
             self.t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train),
                                        precision=self.precision, data_format=self.data_format)
             self.saver = checkpoint.make_saver()
+            self.best_saver = checkpoint.make_saver(max_to_keep=1)
             init = tf1.global_variables_initializer()
         graph.finalize()
         self.sess = tf1.Session(graph=graph, config=session_config())
@@ -155,6 +160,7 @@ class Trainer:
             self.progress = tuple(float(v) for v in progress)
             history.truncate(self.history_path, cfg.name, int(done))
             history.set_attrs(self.history_path, cfg.name, status=None, failure=None)
+            self._best_from_history()
             where = f" and step {self.start_step} of epoch {done + 1}" if self.start_step else ""
             self.log(f"resuming {cfg.name} after epoch {done}{where} from {prefix}")
         else:
@@ -255,6 +261,9 @@ class Trainer:
             row.update(valid_loss=float("nan"), valid_acc=float("nan"))
         row["seconds"] = time.perf_counter() - start
         history.append_epoch(self.history_path, self.cfg.name, row)
+        if row["valid_acc"] > self.best_acc:   # NaN (no validation split) never is
+            self.best_acc, self.best_epoch = row["valid_acc"], epoch
+            checkpoint.save_best(self.sess, self.best_saver, self.run_dir, epoch, row["valid_acc"])
         self.sess.run(self.t.set_epochs_done, {self.t.epoch_placeholder: epoch})
         self.sess.run(self.t.set_epoch_progress, {self.t.progress_placeholder: [0.0, 0.0, 0.0]})
         checkpoint.save(self.sess, self.saver, self.run_dir, int(self.sess.run(self.t.global_step)))
@@ -264,14 +273,35 @@ class Trainer:
                  f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_sec']:.0f} img/s")
 
     def after_train(self):
+        """Test metrics of the final model and, when it differs, of the best-validation one."""
         test = evaluate(self.sess, self.t, self.dataset.test,
                         batch_size=self.eval_batch_size, name="test")
-        history.set_attrs(self.history_path, self.cfg.name, test_loss=test.loss,
-                          test_acc=test.accuracy)
+        attrs = {"test_loss": test.loss, "test_acc": test.accuracy}
         self.result = test
         self.log(f"test loss {test.loss:.4f} acc {test.accuracy:.4f} ({test.examples} images)")
+        if self.best_epoch:
+            best = test
+            if self.best_epoch != self.cfg.epochs:
+                # The latest checkpoint is on disk; the session's weights are free to go.
+                checkpoint.restore(self.sess, self.best_saver,
+                                   checkpoint.require_latest(self.run_dir, best=True))
+                best = evaluate(self.sess, self.t, self.dataset.test,
+                                batch_size=self.eval_batch_size, name="test")
+                self.log(f"best validation epoch {self.best_epoch}: test loss {best.loss:.4f} "
+                         f"acc {best.accuracy:.4f}")
+            attrs.update(best_epoch=self.best_epoch, best_valid_acc=self.best_acc,
+                         best_test_loss=best.loss, best_test_acc=best.accuracy)
+        history.set_attrs(self.history_path, self.cfg.name, **attrs)
 
     # -- helpers ---------------------------------------------------------------------
+    def _best_from_history(self) -> None:
+        """The best validation accuracy of the epochs kept in the history."""
+        run = history.read_run(self.history_path, self.cfg.name)
+        accs = np.asarray(run.columns["valid_acc"], dtype=np.float64)
+        if np.isfinite(accs).any():
+            i = int(np.nanargmax(accs))
+            self.best_acc, self.best_epoch = float(accs[i]), int(run.columns["epoch"][i])
+
     def _config_dict(self) -> dict:
         d = self.cfg.to_dict()
         d.update(self._extra_config())
