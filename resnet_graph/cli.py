@@ -18,7 +18,7 @@ from .config import MODEL_ALIASES, RECIPES, check_depth
 from .errors import TrainingInterrupted, UserError
 
 DEFAULT_OUT = "checkpoints"
-TF_COMMANDS = ("train", "eval", "summary", "bench")
+TF_COMMANDS = ("train", "experiment", "eval", "summary", "bench")
 
 
 def _depth(ctx, param, value):
@@ -100,61 +100,132 @@ def cli():
         load_tensorflow()
 
 
+RECIPE = click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="seed",
+                      show_default=True,
+                      help="Named set of options: seed (the write-up), he2016 (the paper) or "
+                           "fast (about an hour on a CPU with --precision bf16).")
+OUT = click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
+                   default=DEFAULT_OUT, show_default=True, help="Root folder for run folders.")
+QUIET = click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
+# Options that override the recipe: shared by train and experiment.
+RECIPE_OPTIONS = [
+    click.option("--epochs", type=int, callback=_positive, help="Epochs [recipe]."),
+    click.option("--batch-size", type=int, callback=_positive, help="Images per step [recipe]."),
+    click.option("--lr", type=float, help="Base (peak) learning rate [recipe]."),
+    click.option("--optimizer", type=click.Choice(["adam", "momentum"]), help="[recipe]"),
+    click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum [recipe]."),
+    click.option("--weight-decay", type=float, help="L2 coefficient on kernels [recipe]."),
+    click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]),
+                 help="constant; step (see --lr-boundaries); cosine (linear warm-up over "
+                      "--warmup-epochs, then half cosine to 0) [recipe]."),
+    click.option("--lr-boundaries", callback=lambda ctx, param, value: _steps(value),
+                 help="Comma-separated optimizer steps at which the lr is divided by 10 "
+                      "(a step schedule) [recipe]."),
+    click.option("--warmup-epochs", type=click.FloatRange(min=0), help="[recipe]"),
+    click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True),
+                 help="[recipe]"),
+    click.option("--augment/--no-augment", default=None,
+                 help="4-pixel pad + random crop + horizontal flip [recipe]."),
+    click.option("--valid-size", type=click.IntRange(min=0),
+                 help="Training images held out for validation [recipe; 10000]."),
+    click.option("--train-examples", type=int, callback=_positive,
+                 help="Use only the first N of the remaining training images."),
+    PRECISION, DATA_FORMAT, XLA, DATA_DIR,
+]
+
+
+def recipe_options(f):
+    for option in reversed(RECIPE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _config(model, recipe, **options):
+    """A TrainConfig from a recipe and the options given (None = not given)."""
+    from .config import make_config
+    if options.get("lr_boundaries") is not None and options.get("lr_schedule") is None:
+        options["lr_schedule"] = "step"
+    options.pop("data_dir", None)
+    try:
+        return make_config(model, recipe, **options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
 @cli.command()
 @MODEL
 @DEPTH
-@click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="seed", show_default=True,
-              help="Named set of options: seed (the write-up), he2016 (the paper) or fast "
-                   "(about an hour on a CPU with --precision bf16).")
-@click.option("--epochs", type=int, callback=_positive, help="Epochs [recipe].")
-@click.option("--batch-size", type=int, callback=_positive, help="Images per step [recipe].")
-@click.option("--lr", type=float, help="Base learning rate [recipe].")
-@click.option("--optimizer", type=click.Choice(["adam", "momentum"]), help="[recipe]")
-@click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum [recipe].")
-@click.option("--weight-decay", type=float, help="L2 coefficient on kernels [recipe].")
-@click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]),
-              help="constant; step (see --lr-boundaries); cosine (linear warm-up over "
-                   "--warmup-epochs, then half cosine to 0) [recipe].")
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), help="[recipe]")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), help="[recipe]")
-@click.option("--lr-boundaries", callback=lambda ctx, param, value: _steps(value),
-              help="Comma-separated optimizer steps at which the lr is divided by 10 "
-                   "(a step schedule) [recipe].")
-@click.option("--augment/--no-augment", default=None,
-              help="4-pixel pad + random crop + horizontal flip [recipe].")
-@click.option("--valid-size", type=click.IntRange(min=0),
-              help="Training images held out for validation [recipe; 10000].")
-@click.option("--train-examples", type=int, callback=_positive,
-              help="Use only the first N of the remaining training images.")
-@DATA_DIR
-@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
-              default=DEFAULT_OUT, show_default=True, help="Root folder for run folders.")
+@RECIPE
+@recipe_options
+@OUT
 @click.option("--name", help="Run name [<model>-<depth>].")
 @click.option("--history", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="HDF5 history file [<out>/histories.h5].")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of data split and order, augmentation and initialisation.")
 @click.option("--resume", is_flag=True, help="Continue run --name from its latest checkpoint.")
-@PRECISION
-@DATA_FORMAT
-@XLA
-@click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
-def train(model, depth, recipe, data_dir, out, name, history, resume, quiet, seed, precision,
-          data_format, xla, **options):
+@QUIET
+def train(model, recipe, out, history, resume, quiet, **options):
     """Train MODEL on CIFAR-10 and record its history and checkpoints."""
-    from .config import make_config
     from .train import train_run
-    if options.get("lr_boundaries") is not None and options.get("lr_schedule") is None:
-        options["lr_schedule"] = "step"
-    try:
-        cfg = make_config(model, recipe, depth=depth, name=name, seed=seed, precision=precision,
-                          data_format=data_format, xla=xla, **options)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
+    data_dir = options["data_dir"]
+    cfg = _config(model, recipe, **options)
     result = train_run(cfg, data_dir=data_dir, out=out, history_path=history, resume=resume,
                        epochs_override=options["epochs"], quiet=quiet, log=click.echo)
     if not quiet:
         click.echo(f"run folder: {result['run_dir']}  history: {result['history']}")
+
+
+def _models(ctx, param, value):
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n.lower() not in MODEL_ALIASES]
+    if bad or not names:
+        raise click.BadParameter(f"{value!r}: name models from {', '.join(sorted(MODEL_ALIASES))}")
+    return names
+
+
+def _seeds(ctx, param, value):
+    try:
+        seeds = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise click.BadParameter(f"{value!r}: give one or more distinct seeds")
+    return seeds
+
+
+@cli.command()
+@RECIPE
+@click.option("--models", default="original,preact,plain", show_default=True, callback=_models,
+              help="Comma-separated models to train and compare.")
+@DEPTH
+@click.option("--seeds", default="0", show_default=True, callback=_seeds,
+              help="Comma-separated seeds; each model is trained once per seed.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Folder for the runs, histories.h5, figures and report "
+                   "[checkpoints/experiment-<recipe>-<depth>].")
+@recipe_options
+@QUIET
+@click.option("--json", "as_json", is_flag=True, help="Print report.json's object on stdout.")
+def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
+    """Train several models (and seeds) in turn and compare them in one report.
+
+    Writes <out>/histories.h5, loss.png, accuracy.png, report.md and
+    report.json. Run the same command again after an interruption: finished
+    runs are kept and the unfinished one continues from its checkpoint.
+    """
+    import sys
+    from .experiment import plan, run_experiment
+    out = out or pathlib.Path(DEFAULT_OUT) / f"experiment-{recipe}-{depth}"
+    base = _config(models[0], recipe, depth=depth, **options)
+    configs = plan(base, models, seeds)
+    log = (lambda s: None) if quiet or as_json else click.echo
+    report = run_experiment(configs, out, data_dir=options["data_dir"], quiet=quiet or as_json,
+                            log=log, command=" ".join(["resnet-graph"] + sys.argv[1:]))
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(f"report: {report['report']}")
 
 
 @cli.command("eval")

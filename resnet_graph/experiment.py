@@ -1,0 +1,296 @@
+"""The write-up's comparison in one call: several models (and seeds), one history, a report.
+
+:func:`run_experiment` trains each planned run in turn into ``<out>/`` (run
+folders ``<model>-<depth>-s<seed>`` and one ``histories.h5``), then
+:func:`write_report` draws every run into ``loss.png``/``accuracy.png`` and
+writes ``report.md`` (for people) and ``report.json`` (for scripts).
+
+Called again after an interruption it picks up where it stopped: finished
+runs are kept, an unfinished one resumes from its latest checkpoint, and the
+runs not started yet start. A run whose options differ from the ones asked for
+is refused, so one folder never mixes two set-ups.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import checkpoint, history
+from .checkpoint import atomic_write_text
+from .config import TrainConfig, canonical_model
+from .errors import TrainingInterrupted, UserError
+
+HISTORY_FILE = "histories.h5"
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+# Keys of config.json that describe the machine or the data location, not the set-up.
+NOT_SETUP = {"name", "epochs", "normalization", "data_dir", "resolved_precision",
+             "resolved_data_format", "train_images", "valid_images"}
+
+
+def run_name(model: str, depth: int, seed: int) -> str:
+    return f"{canonical_model(model)}-{depth}-s{seed}"
+
+
+def plan(base: TrainConfig, models: Sequence[str], seeds: Sequence[int]) -> list:
+    """One config per (model, seed), models outermost, in the order given."""
+    if not models or not seeds:
+        raise UserError("an experiment needs at least one model and one seed")
+    names = [canonical_model(m) for m in models]
+    if len(set(names)) != len(names) or len(set(seeds)) != len(seeds):
+        raise UserError("each model and each seed may be named once")
+    return [base.replace(model=m, seed=s, name=run_name(m, base.depth, s))
+            for m in names for s in seeds]
+
+
+def run_state(out: pathlib.Path, cfg: TrainConfig) -> str:
+    """``new``, ``partial``, ``finished`` or ``failed`` for run ``cfg.name`` in ``out``."""
+    path = out / HISTORY_FILE
+    started = (out / cfg.name / "config.json").is_file()
+    if not path.exists() or not history.has_run(path, cfg.name):
+        return "partial" if started else "new"
+    run = history.read_run(path, cfg.name)
+    if run.attrs.get("status") == "failed":
+        return "failed"
+    if "test_acc" in run.attrs and run.epochs >= cfg.epochs:
+        return "finished"
+    return "partial"
+
+
+def check_same_setup(out: pathlib.Path, cfg: TrainConfig) -> None:
+    """Refuse to continue a run that was started with other options."""
+    saved = checkpoint.read_config(out / cfg.name)
+    wanted = cfg.to_dict()
+    differ = sorted(k for k in wanted if k not in NOT_SETUP and k in saved
+                    and saved[k] != wanted[k])
+    if differ:
+        what = ", ".join(f"{k} {saved[k]!r} (asked {wanted[k]!r})" for k in differ)
+        raise UserError(f"run {cfg.name} in {out} was started with other options: {what}; "
+                        "ask for the same options or choose another --out")
+
+
+def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet: bool = False,
+                   log: Callable[[str], None] = print, command: str = "") -> dict:
+    """Train every run of ``configs`` that is not finished, then write the report."""
+    from .train import TrainingError, train_run   # TensorFlow only when training
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, cfg in enumerate(configs, 1):
+        state = run_state(out, cfg)
+        where = f"[{i}/{len(configs)}] {cfg.name}"
+        if state in ("finished", "failed"):
+            log(f"{where}: {state}, kept as it is")
+            continue
+        if state == "partial":
+            check_same_setup(out, cfg)
+            log(f"{where}: continuing from its latest checkpoint")
+        else:
+            log(f"{where}: training {cfg.epochs} epochs ({cfg.recipe} recipe)")
+        try:
+            train_run(cfg, data_dir=data_dir, out=out, history_path=out / HISTORY_FILE,
+                      resume=state == "partial", epochs_override=cfg.epochs,
+                      quiet=quiet, log=log)
+        except TrainingError as e:   # e.g. NaN loss: recorded in the history, go on
+            log(f"{where}: failed: {e}")
+        except TrainingInterrupted as e:
+            raise TrainingInterrupted(
+                f"{str(e).split(';')[0]}; run the same experiment command again to continue "
+                "(finished runs are kept)", e.signal_number) from None
+    return write_report(out, configs, command=command)
+
+
+# -- the report ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunRow:
+    """What the report says of one run (accuracies are fractions)."""
+
+    name: str
+    model: str
+    seed: int
+    status: str
+    epochs: int
+    params: Optional[int]
+    best_valid_acc: float
+    best_epoch: Optional[int]
+    final_valid_acc: float
+    test_acc: float
+    best_test_acc: float
+    wall_clock_seconds: float
+    images_per_sec: float
+    device: str
+    precision: str
+
+
+def _finite(values) -> list:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def run_row(run: Optional[history.Run], cfg: TrainConfig, status: str,
+            params: Optional[int]) -> RunRow:
+    nan = float("nan")
+    if run is None:
+        return RunRow(cfg.name, cfg.model, cfg.seed, status, 0, params, nan, None, nan, nan, nan,
+                      0.0, nan, "", "")
+    cols, attrs = run.columns, run.attrs
+    valid = np.asarray(cols["valid_acc"], dtype=np.float64)
+    has_valid = bool(np.isfinite(valid).any())
+    best_i = int(np.nanargmax(valid)) if has_valid else None
+    speeds = _finite(cols.get("images_per_sec", []))
+    return RunRow(
+        name=cfg.name, model=cfg.model, seed=cfg.seed, status=status, epochs=run.epochs,
+        params=params,
+        best_valid_acc=float(valid[best_i]) if has_valid else nan,
+        best_epoch=int(cols["epoch"][best_i]) if has_valid else None,
+        final_valid_acc=float(valid[-1]) if run.epochs else nan,
+        test_acc=float(attrs.get("test_acc", nan)),
+        best_test_acc=float(attrs.get("best_test_acc", attrs.get("test_acc", nan))),
+        wall_clock_seconds=float(np.sum(cols["seconds"])),
+        images_per_sec=float(np.mean(speeds)) if speeds else nan,
+        device=str(attrs.get("device", "")), precision=str(attrs.get("precision", "")))
+
+
+def parameter_counts(configs: Sequence[TrainConfig]) -> dict:
+    """Trainable parameters per (model, depth), counted from the graph."""
+    from .inspection import model_summary
+    counts = {}
+    for cfg in configs:
+        key = (cfg.model, cfg.depth)
+        if key not in counts:
+            counts[key] = model_summary(cfg)["params"]
+    return counts
+
+
+def collect(out, configs: Sequence[TrainConfig], params: Optional[dict] = None) -> list:
+    out = pathlib.Path(out)
+    path = out / HISTORY_FILE
+    names = set(history.run_names(path)) if path.exists() else set()
+    params = params or {}
+    rows = []
+    for cfg in configs:
+        run = history.read_run(path, cfg.name) if cfg.name in names else None
+        rows.append(run_row(run, cfg, run_state(out, cfg), params.get((cfg.model, cfg.depth))))
+    return rows
+
+
+def mean_std(values) -> tuple:
+    """(mean, sample standard deviation or None for one value, count) of the finite values."""
+    values = _finite(values)
+    if not values:
+        return float("nan"), None, 0
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None,
+            len(values))
+
+
+def _pct(value, std=None) -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{100 * value:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _plain(value, std=None, fmt="{:.0f}") -> str:
+    if value is None or not math.isfinite(value):
+        return "-"
+    return fmt.format(value) + (f" ± {fmt.format(std)}" if std is not None else "")
+
+
+def _duration(seconds) -> str:
+    if not math.isfinite(seconds) or seconds <= 0:
+        return "-"
+    minutes = seconds / 60
+    return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.2f} h"
+
+
+SUMMARY_FIELDS = ("best_valid_acc", "final_valid_acc", "test_acc", "best_test_acc",
+                  "wall_clock_seconds", "images_per_sec")
+
+
+def summarise(rows: Sequence[RunRow]) -> dict:
+    """Per model: mean, std and count of each field over its finished runs."""
+    by_model = {}
+    for row in rows:
+        by_model.setdefault(row.model, []).append(row)
+    summary = {}
+    for model, runs in by_model.items():
+        done = [r for r in runs if r.status == "finished"]
+        summary[model] = {f: dict(zip(("mean", "std", "n"), mean_std(getattr(r, f) for r in done)))
+                          for f in SUMMARY_FIELDS}
+        summary[model]["runs"] = len(runs)
+        summary[model]["finished"] = len(done)
+        summary[model]["params"] = runs[0].params
+        summary[model]["epochs"] = sorted({r.epochs for r in done})
+    return summary
+
+
+def format_report(rows: Sequence[RunRow], configs: Sequence[TrainConfig], command: str) -> str:
+    cfg = configs[0]
+    summary = summarise(rows)
+    lines = [f"# Experiment: {cfg.recipe} recipe, depth {cfg.depth}", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    devices = sorted({r.device for r in rows if r.device})
+    lines += [f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+              f"Device: {', '.join(devices) or '-'}. Accuracies in %, over "
+              f"the {cfg.valid_size:,} validation images and the test split; "
+              "with several seeds, mean ± sample standard deviation. Wall-clock is the sum of the "
+              "epochs' times (training and validation). `test (best)` is the test accuracy of "
+              "the checkpoint with the best validation accuracy.", ""]
+    lines += ["| model | params | runs | best valid | final valid | test (final) | test (best) | "
+              "epochs | wall-clock | images/s |", "|" + " --- |" * 10]
+    for model, s in summary.items():
+        wall = s["wall_clock_seconds"]
+        lines.append(
+            f"| {model} | {s['params'] if s['params'] else '-'} | {s['finished']}/{s['runs']} | "
+            f"{_pct(s['best_valid_acc']['mean'], s['best_valid_acc']['std'])} | "
+            f"{_pct(s['final_valid_acc']['mean'], s['final_valid_acc']['std'])} | "
+            f"{_pct(s['test_acc']['mean'], s['test_acc']['std'])} | "
+            f"{_pct(s['best_test_acc']['mean'], s['best_test_acc']['std'])} | "
+            f"{', '.join(map(str, s['epochs'])) or '-'} | {_duration(wall['mean'])} | "
+            f"{_plain(s['images_per_sec']['mean'], s['images_per_sec']['std'])} |")
+    for model in summary:
+        lines += ["", f"## {model}", "",
+                  "| run | seed | status | epochs | best valid (epoch) | final valid | "
+                  "test (final) | test (best) | wall-clock | images/s | precision |",
+                  "|" + " --- |" * 11]
+        for r in (r for r in rows if r.model == model):
+            best = f"{_pct(r.best_valid_acc)} ({r.best_epoch})" if r.best_epoch else "-"
+            lines.append(
+                f"| {r.name} | {r.seed} | {r.status} | {r.epochs} | {best} | "
+                f"{_pct(r.final_valid_acc)} | {_pct(r.test_acc)} | {_pct(r.best_test_acc)} | "
+                f"{_duration(r.wall_clock_seconds)} | {_plain(r.images_per_sec)} | "
+                f"{r.precision or '-'} |")
+    lines += ["", "Figures: [loss.png](loss.png), [accuracy.png](accuracy.png)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out, configs: Sequence[TrainConfig], *, command: str = "") -> dict:
+    """Draw the runs and write report.md and report.json; return the report as a dict."""
+    from .plotting import plot_runs
+    out = pathlib.Path(out)
+    rows = collect(out, configs, parameter_counts(configs))
+    path = out / HISTORY_FILE
+    names = [r.name for r in rows if r.epochs]
+    figures = [str(p) for p in plot_runs(history.read_history(path, names), out)] if names else []
+    atomic_write_text(out / REPORT_MD, format_report(rows, configs, command))
+    report = {"recipe": configs[0].recipe, "depth": configs[0].depth, "command": command,
+              "runs": [_json_ready(dataclasses.asdict(r)) for r in rows],
+              "models": _json_ready(summarise(rows)), "figures": figures,
+              "report": str(out / REPORT_MD)}
+    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2))
+    return report
+
+
+def _json_ready(value):
+    """NaN -> None, recursively, so that the JSON is strict."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

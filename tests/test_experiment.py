@@ -1,0 +1,141 @@
+"""`resnet-graph experiment`: several runs into one history, a report, resume after a stop."""
+
+import json
+import signal
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from resnet_graph import experiment, history, train
+from resnet_graph.cli import cli
+from resnet_graph.config import make_config
+from resnet_graph.errors import TrainingInterrupted, UserError
+
+TINY = ["--depth", "8", "--epochs", "2", "--batch-size", "50", "--valid-size", "50"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_data_dir):
+    """Two models x two seeds on tiny data, through the CLI."""
+    out = tmp_path_factory.mktemp("exp") / "out"
+    result = invoke("experiment", "--recipe", "fast", "--models", "original,cnn",
+                    "--seeds", "0,1", *TINY, "--data-dir", tiny_data_dir, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout)
+
+
+def test_every_run_lands_in_one_history(finished):
+    out, report = finished
+    names = history.run_names(out / "histories.h5")
+    assert sorted(names) == ["original-8-s0", "original-8-s1", "plain-8-s0", "plain-8-s1"]
+    for name in names:
+        run = history.read_run(out / "histories.h5", name)
+        assert run.epochs == 2 and "test_acc" in run.attrs and "best_test_acc" in run.attrs
+        assert run.attrs["config"]["recipe"] == "fast"
+        assert run.attrs["config"]["seed"] == int(name[-1])
+    for figure in ("loss.png", "accuracy.png", "report.md", "report.json"):
+        assert (out / figure).stat().st_size > 0
+    assert {r["status"] for r in report["runs"]} == {"finished"}
+
+
+def test_report_numbers_come_from_the_history(finished):
+    out, report = finished
+    runs = {r["name"]: r for r in report["runs"]}
+    for name, row in runs.items():
+        run = history.read_run(out / "histories.h5", name)
+        assert row["test_acc"] == pytest.approx(run.attrs["test_acc"])
+        assert row["best_valid_acc"] == pytest.approx(float(np.max(run.columns["valid_acc"])))
+        assert row["final_valid_acc"] == pytest.approx(float(run.columns["valid_acc"][-1]))
+        assert row["wall_clock_seconds"] == pytest.approx(float(np.sum(run.columns["seconds"])))
+    for model in ("original", "plain"):
+        accs = [runs[f"{model}-8-s{s}"]["test_acc"] for s in (0, 1)]
+        summary = report["models"][model]["test_acc"]
+        assert summary["mean"] == pytest.approx(np.mean(accs))
+        assert summary["std"] == pytest.approx(np.std(accs, ddof=1))
+        assert summary["n"] == 2
+        assert report["models"][model]["params"] > 0
+    text = (out / "report.md").read_text()
+    assert "| original |" in text and "| plain |" in text and "original-8-s1" in text
+    mean, std = 100 * report["models"]["plain"]["test_acc"]["mean"], \
+        100 * report["models"]["plain"]["test_acc"]["std"]
+    assert f"{mean:.2f} ± {std:.2f}" in text
+
+
+def test_running_it_again_keeps_finished_runs(finished, tiny_data_dir):
+    out, _ = finished
+    before = {n: history.read_run(out / "histories.h5", n).attrs["test_acc"]
+              for n in history.run_names(out / "histories.h5")}
+    result = invoke("experiment", "--recipe", "fast", "--models", "original,cnn",
+                    "--seeds", "0,1", *TINY, "--data-dir", tiny_data_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished, kept as it is") == 4
+    after = {n: history.read_run(out / "histories.h5", n).attrs["test_acc"] for n in before}
+    assert after == before
+
+
+def test_other_options_in_the_same_folder_are_refused(finished, tiny_data_dir, tmp_path):
+    out, _ = finished
+    configs = experiment.plan(make_config("original", "fast", depth=8, epochs=3, batch_size=50,
+                                          valid_size=50, lr=0.5), ["original"], [0])
+    with pytest.raises(UserError, match="other options: lr 0.1 .asked 0.5."):
+        experiment.check_same_setup(out, configs[0])
+
+
+def test_an_interrupted_experiment_continues_where_it_stopped(tiny_data_dir, tmp_path,
+                                                               monkeypatch):
+    out = tmp_path / "exp"
+    base = make_config("original", "fast", depth=8, epochs=2, batch_size=50, valid_size=50)
+    configs = experiment.plan(base, ["original", "preact"], [0])
+
+    def stop_in_preact(self, epoch, step):
+        if self.cfg.name == "preact-8-s0" and (epoch, step) == (2, 1):
+            self.request_stop(signal.SIGTERM)
+
+    monkeypatch.setattr(train.Trainer, "after_step", stop_in_preact)
+    with pytest.raises(TrainingInterrupted, match="run the same experiment command again"):
+        experiment.run_experiment(configs, out, data_dir=tiny_data_dir, quiet=True,
+                                  log=lambda s: None)
+    assert experiment.run_state(out, configs[0]) == "finished"
+    assert experiment.run_state(out, configs[1]) == "partial"
+    first = history.read_run(out / "histories.h5", "original-8-s0").attrs["test_acc"]
+    monkeypatch.undo()
+    lines = []
+    report = experiment.run_experiment(configs, out, data_dir=tiny_data_dir, quiet=True,
+                                       log=lines.append)
+    assert lines[0].endswith("finished, kept as it is")
+    assert "continuing from its latest checkpoint" in lines[1]
+    run = history.read_run(out / "histories.h5", "preact-8-s0")
+    assert list(run.columns["epoch"]) == [1, 2] and "test_acc" in run.attrs
+    assert history.read_run(out / "histories.h5", "original-8-s0").attrs["test_acc"] == first
+    assert [r["status"] for r in report["runs"]] == ["finished", "finished"]
+
+
+def test_a_failed_run_is_reported_and_the_rest_go_on(tiny_data_dir, tmp_path):
+    out = tmp_path / "exp"
+    # lr 1e30 makes the loss NaN in the first steps (the NaN guard stops the run).
+    base = make_config("original", "seed", depth=8, epochs=1, batch_size=50, valid_size=50,
+                       lr=1e30, optimizer="momentum")
+    configs = experiment.plan(base, ["plain", "original"], [0])
+    lines = []
+    report = experiment.run_experiment(configs, out, data_dir=tiny_data_dir, quiet=True,
+                                       log=lines.append)
+    assert [r["status"] for r in report["runs"]] == ["failed", "failed"]
+    assert sum("failed: loss became" in line for line in lines) == 2
+    assert "| plain | 75290 | 0/1 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "original,resnet"], "name models from"),
+    (["--models", "original,original"], "each model and each seed"),
+    (["--seeds", "0,x"], "not a comma-separated list"),
+    (["--seeds", "1,1"], "distinct seeds"),
+])
+def test_bad_experiment_options(args, message, tmp_path):
+    result = CliRunner().invoke(cli, ["experiment", *args, "--out", str(tmp_path)])
+    assert result.exit_code in (1, 2)
+    assert message in result.output
