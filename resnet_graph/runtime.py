@@ -37,6 +37,10 @@ def load_tensorflow():
     with _stderr_silenced():
         import tensorflow as tf
         tf.config.list_physical_devices("GPU")
+    if not os.environ.get("RESNET_GRAPH_VERBOSE"):
+        # Deprecation notes from tf.compat.v1 internals (e.g. the Saver's
+        # "remove_checkpoint is deprecated") say nothing to a user.
+        tf.get_logger().setLevel("ERROR")
     return tf
 
 
