@@ -17,6 +17,8 @@ setup(
         "h5py",
         "matplotlib",
         "tqdm",
+        "Pillow",
+        "PyYAML",
     ],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["resnet-graph=resnet_graph.cli:main"]},

@@ -5,6 +5,7 @@ the batch size (batch norm uses its moving averages here, so an image's
 output does not depend on its batch either).
 """
 
+import contextlib
 import dataclasses
 import pathlib
 
@@ -14,7 +15,7 @@ import tensorflow as tf
 from . import checkpoint, data
 from .config import TrainConfig
 from .errors import DataError
-from .graph import build_eval_graph, resolve_data_format, session_config, gpu_available
+from .graph import attach_model, gpu_available, resolve_data_format, session_config
 
 tf1 = tf.compat.v1
 
@@ -68,28 +69,51 @@ def eval_precision(saved: str) -> str:
     return saved if saved in ("fp32", "fp16", "bf16") else "fp32"
 
 
-def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
-                 data_dir=None, best: bool = False) -> Metrics:
-    """Rebuild the model of ``run_dir`` from its config.json, restore its latest
-    checkpoint (with ``best``, the best-validation one), evaluate ``split``."""
+@contextlib.contextmanager
+def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
+    """Rebuild the model of ``run_dir`` from its config.json in a new graph and
+    session and restore its latest (with ``best``, best-validation) checkpoint.
+
+    Yields ``(session, tensors, front)``. ``precision`` defaults to the run's
+    (fp16 only where a GPU runs it). ``images_from()``, when given, returns
+    ``(front, uint8_images)``: a front-end input whose uint8 images become the
+    default of the ``images`` placeholder (``front`` is yielded).
+    """
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
     prefix = checkpoint.require_latest(run_dir, best=best)
+    norm = saved["normalization"]
+    precision = precision or eval_precision(saved.get("resolved_precision", "fp32"))
+    g = tf.Graph()
+    with g.as_default():
+        front = images = labels = None
+        if images_from is not None:
+            front, images = images_from()
+            labels = tf.zeros(tf.shape(images)[:1], tf.int32)
+        tensors = attach_model(cfg, norm["mean"], norm["std"], images=images, labels=labels,
+                               precision=precision,
+                               data_format=resolve_data_format("auto", precision=precision))
+        saver = tf1.train.Saver(tf1.global_variables())
+        with tf1.Session(graph=g, config=session_config()) as sess:
+            checkpoint.restore(sess, saver, prefix)
+            yield sess, tensors, front
+
+
+def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
+                 data_dir=None, best: bool = False) -> Metrics:
+    """Evaluate ``split`` with the latest (with ``best``, best-validation)
+    checkpoint of ``run_dir`` (see :func:`open_run`)."""
+    run_dir = pathlib.Path(run_dir)
+    saved = checkpoint.read_config(run_dir)
+    cfg = TrainConfig.from_dict(saved)
+    checkpoint.require_latest(run_dir, best=best)   # before loading the data
     folder = data.find_data_dir(data_dir or saved.get("data_dir"), progress=False)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
     chosen = {"test": dataset.test, "valid": dataset.valid, "train": dataset.train}[split]
     if len(chosen) == 0:
         raise DataError(f"run {run_dir.name} has no {split} split (valid-size 0); "
-                             "use --split test")
-    norm = saved["normalization"]
-    g = tf.Graph()
-    with g.as_default():
-        precision = eval_precision(saved.get("resolved_precision", "fp32"))
-        tensors = build_eval_graph(cfg, norm["mean"], norm["std"], precision=precision,
-                                   data_format=resolve_data_format("auto", precision=precision))
-        saver = tf1.train.Saver(tf1.global_variables())
-        with tf1.Session(graph=g, config=session_config()) as sess:
-            checkpoint.restore(sess, saver, prefix)
-            return evaluate(sess, tensors, chosen, batch_size=batch_size, name=split)
+                        "use --split test")
+    with open_run(run_dir, best=best) as (sess, tensors, _):
+        return evaluate(sess, tensors, chosen, batch_size=batch_size, name=split)

@@ -84,3 +84,47 @@ def describe_device() -> str:
         pass
     units = ", bf16 units" if cpu_has_bf16() else ""
     return f"CPU: {model} ({os.cpu_count()} cores{units})"
+
+
+def environment_info(data_dir=None) -> dict:
+    """What ``resnet-graph info`` reports: versions, devices, the ``auto`` choices, the data."""
+    tf = load_tensorflow()
+    from . import data
+    from .errors import DataError
+    from .graph import resolve_data_format, resolve_precision
+    gpus = gpu_count() > 0
+    precision = resolve_precision("auto", gpus)
+    facts = {
+        "resnet_graph": _version(),
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+        "device": describe_device(),
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "cpu_bf16_units": cpu_has_bf16(),
+        "auto_precision": precision,
+        "auto_data_format": resolve_data_format("auto", gpus, precision),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+    }
+    try:
+        folder = data.find_data_dir(data_dir, download=False, progress=False)
+    except DataError as e:
+        facts.update(data_dir=None, data_complete=False, data_problem=str(e))
+        return facts
+    problems = []
+    if (folder / data.TEST_FILE).is_file():   # the binary layout: sizes are known
+        for name in data.TRAIN_FILES + (data.TEST_FILE,):
+            size = (folder / name).stat().st_size
+            if size != 10000 * data.RECORD_BYTES:
+                problems.append(f"{name} has {size} bytes, not {10000 * data.RECORD_BYTES}")
+    facts.update(data_dir=str(folder), data_complete=not problems,
+                 data_problem="; ".join(problems) or None)
+    return facts
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("resnet-graph")
+    except Exception:  # noqa: BLE001 - not installed (a source checkout)
+        return "unknown"

@@ -1,0 +1,143 @@
+"""predict, export (SavedModel), info and recipes through the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from PIL import Image
+
+from resnet_graph import data
+from resnet_graph.cli import cli
+from resnet_graph.evaluate import open_run
+from resnet_graph.serving import load_image
+
+TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "50", "--valid-size", "50"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], lines
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    folder = data.write_synthetic_cifar(root / "data", n_train_per_batch=60, n_test=100)
+    result = invoke("train", "original", *TINY, "--data-dir", folder, "--out", root / "out",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    return root, root / "out" / "original-8", folder
+
+
+def model_probabilities(run_dir, images):
+    with open_run(run_dir) as (sess, t, _):
+        return sess.run([t.logits, t.probabilities], {t.images: images})
+
+
+def test_predict_ranks_classes_like_the_model(run, tmp_path):
+    _, run_dir, folder = run
+    test = data.load_cifar10(folder, valid_size=50).test
+    np.save(tmp_path / "batch.npy", test.images[:3])
+    Image.fromarray(test.images[5]).save(tmp_path / "five.png")
+    result = invoke("predict", "--ckpt", run_dir, tmp_path / "batch.npy", tmp_path / "five.png",
+                    "--json", "--top", "10")
+    assert result.exit_code == 0, result.output
+    predictions = json.loads(result.stdout)["predictions"]
+    assert [p["source"] for p in predictions] == [
+        f"{tmp_path / 'batch.npy'}[{i}]" for i in range(3)] + [str(tmp_path / "five.png")]
+    _, probs = model_probabilities(run_dir, test.images[[0, 1, 2, 5]])
+    for p, expected in zip(predictions, probs):
+        got = {c["class"]: c["probability"] for c in p["top"]}
+        assert [c["probability"] for c in p["top"]] == sorted(got.values(), reverse=True)
+        np.testing.assert_allclose([got[name] for name in data.CLASS_NAMES], expected,
+                                   rtol=1e-5, atol=1e-6)
+    text = invoke("predict", "--ckpt", run_dir, tmp_path / "five.png")
+    assert text.exit_code == 0 and text.output.count(":") == 1 and len(text.output.split()) == 7
+
+
+def test_images_of_any_size_become_32x32_rgb(tmp_path):
+    big = np.zeros((64, 96, 3), np.uint8)
+    big[:, :48] = 200            # left half bright: a box filter keeps exact halves
+    Image.fromarray(big).save(tmp_path / "big.png")
+    img = load_image(tmp_path / "big.png")
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert (img[:, :16] == 200).all() and (img[:, 16:] == 0).all()
+    Image.fromarray(np.full((8, 8), 77, np.uint8), mode="L").save(tmp_path / "grey.jpg")
+    small = load_image(tmp_path / "grey.jpg")
+    assert small.shape == (32, 32, 3) and abs(int(small.mean()) - 77) <= 2
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("notes.txt", b"hello", "give PNG or JPEG files"),
+    ("broken.png", b"\x89PNG not really", "not a readable PNG or JPEG"),
+    ("wrong.npy", None, "expected [N, 32, 32, 3]"),
+    ("hot.npy", "hot", "numbers in 0..255"),
+])
+def test_bad_prediction_inputs_are_one_line_errors(run, tmp_path, name, content, fragment):
+    _, run_dir, _ = run
+    path = tmp_path / name
+    if content is None:
+        np.save(path, np.zeros((2, 28, 28), np.uint8))
+    elif content == "hot":
+        np.save(path, np.full((1, 32, 32, 3), 300.0))
+    else:
+        path.write_bytes(content)
+    assert_one_line_error(invoke("predict", "--ckpt", run_dir, path), fragment)
+
+
+def test_export_serves_the_same_logits_as_eval(run, tmp_path):
+    _, run_dir, folder = run
+    result = invoke("export", "--ckpt", run_dir, "--out", tmp_path / "saved")
+    assert result.exit_code == 0, result.output
+    test = data.load_cifar10(folder, valid_size=50).test
+    logits, probs = model_probabilities(run_dir, test.images[:20])
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))          # plain TF2, eager
+    out = loaded.signatures["serving_default"](images=tf.constant(test.images[:20]))
+    np.testing.assert_allclose(out["logits"].numpy(), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"].numpy(), probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["classes"].numpy(), np.argmax(logits, 1))
+    floats = loaded.signatures["serving_float"](images=tf.constant(test.images[:20], tf.float32))
+    np.testing.assert_allclose(floats["logits"].numpy(), logits, rtol=1e-5, atol=1e-5)
+    # eval's accuracy over the whole test split equals the SavedModel's.
+    evaluated = json.loads(invoke("eval", "--ckpt", run_dir, "--json").stdout)
+    served = loaded.signatures["serving_default"](images=tf.constant(test.images))
+    accuracy = float(np.mean(served["classes"].numpy() == test.labels))
+    assert accuracy == pytest.approx(evaluated["accuracy"])
+
+
+def test_export_refuses_a_folder_with_files(run, tmp_path):
+    _, run_dir, _ = run
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert_one_line_error(invoke("export", "--ckpt", run_dir, "--out", tmp_path / "taken"),
+                          "not an empty folder")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_info_reports_the_auto_choices_and_the_data(run, tmp_path):
+    _, _, folder = run
+    facts = json.loads(invoke("info", "--data-dir", folder, "--json").stdout)
+    assert facts["tensorflow"] == tf.__version__
+    assert facts["auto_precision"] in ("fp32", "fp16", "bf16")
+    assert facts["auto_data_format"] in ("NHWC", "NCHW")
+    # The synthetic files are complete but not CIFAR-sized: info says which.
+    assert facts["data_dir"] == str(folder.resolve()) and facts["data_complete"] is False
+    assert "data_batch_1.bin has" in facts["data_problem"]
+    missing = json.loads(invoke("info", "--data-dir", tmp_path / "nothing", "--json").stdout)
+    assert missing["data_complete"] is False and "does not exist" in missing["data_problem"]
+
+
+def test_recipes_lists_every_recipe():
+    table = json.loads(invoke("recipes", "--json").stdout)
+    assert set(table) == {"seed", "he2016", "fast"}
+    assert table["he2016"]["lr_boundaries"] == [32000, 48000]
+    assert table["fast"]["label_smoothing"] == 0.1
+    text = invoke("recipes").output
+    assert "lr_schedule" in text and "cosine" in text
