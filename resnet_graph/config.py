@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "auto"         # resolved to fp32/fp16/bf16 before training
     data_format: str = "auto"       # resolved to NHWC/NCHW before training
     xla: bool = False
+    deterministic: bool = False     # TensorFlow's op determinism (same seed -> same history)
     bn_momentum: float = 0.9        # moving-average decay of batch norm
     bn_epsilon: float = 1e-5
     name: str = ""                  # run name; default "<model>-<depth>"
@@ -173,3 +174,46 @@ def make_config(model: str, recipe: str = "seed", **overrides) -> TrainConfig:
     values = recipe_values(recipe)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(model=model, recipe=recipe, **values)
+
+
+# Keys that config.json holds besides the TrainConfig fields: facts of the run
+# (data location, statistics, what auto resolved to), not options; a config
+# file passed back with --config may hold them and they are skipped.
+RUN_FACTS = {"normalization", "data_dir", "resolved_precision", "resolved_data_format",
+             "train_images", "valid_images", "devices", "workers"}
+
+
+def read_config_file(path) -> dict:
+    """Options from a YAML or JSON file (e.g. a run's config.json), as TrainConfig keys.
+
+    Dashes in keys are read as underscores; run facts (:data:`RUN_FACTS`) are
+    skipped; an unknown key or a file that is not a mapping is a ValueError.
+    """
+    import pathlib
+
+    import yaml
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read config file {path} ({e})") from None
+    try:
+        values = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}"
+                         f" ({first})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key in RUN_FACTS:
+            continue
+        if key not in names:
+            raise ValueError(f"config file {path}: unknown option {key!r}")
+        options[key] = tuple(value) if key == "lr_boundaries" and isinstance(value, list) else value
+    return options
