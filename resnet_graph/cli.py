@@ -18,7 +18,7 @@ from .config import MODEL_ALIASES, RECIPES, check_depth
 from .errors import TrainingInterrupted, UserError
 
 DEFAULT_OUT = "checkpoints"
-TF_COMMANDS = ("train", "experiment", "eval", "summary", "bench")
+TF_COMMANDS = ("train", "experiment", "eval", "summary", "bench", "predict", "export", "info")
 
 
 def _depth(ctx, param, value):
@@ -77,6 +77,8 @@ class Group(click.Group):
         except TrainingInterrupted as e:
             click.echo(str(e), err=True)
             ctx.exit(128 + int(e.signal_number))
+        except BrokenPipeError:
+            raise   # main() ends quietly: the reader of stdout has gone
         except Exception as e:  # noqa: BLE001 - the contract: one line, no traceback
             if os.environ.get("RESNET_GRAPH_DEBUG"):
                 raise
@@ -88,12 +90,17 @@ class Group(click.Group):
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="resnet-graph")
-def cli():
+@click.option("--verbose", is_flag=True,
+              help="Show TensorFlow's own log lines (hidden by default); same as "
+                   "RESNET_GRAPH_VERBOSE=1.")
+def cli(verbose):
     """Train, evaluate and compare CIFAR-10 ResNets built as TensorFlow graphs.
 
     MODEL is original (post-activation ResNet), preact (pre-activation;
     alias proposed) or plain (no shortcuts; alias cnn).
     """
+    if verbose:
+        os.environ["RESNET_GRAPH_VERBOSE"] = "1"
     ctx = click.get_current_context()
     if ctx.invoked_subcommand in TF_COMMANDS:
         from .runtime import load_tensorflow
@@ -131,6 +138,12 @@ RECIPE_OPTIONS = [
     click.option("--train-examples", type=int, callback=_positive,
                  help="Use only the first N of the remaining training images."),
     PRECISION, DATA_FORMAT, XLA, DATA_DIR,
+    click.option("--deterministic/--no-deterministic", default=None,
+                 help="TensorFlow's op determinism: the same seed gives the same history on "
+                      "the same machine (slower) [off]."),
+    click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+                 help="YAML or JSON file of options (a run's config.json works); flags given "
+                      "on the command line win over it, and it wins over --recipe's values."),
 ]
 
 
@@ -141,14 +154,38 @@ def recipe_options(f):
 
 
 def _config(model, recipe, **options):
-    """A TrainConfig from a recipe and the options given (None = not given)."""
-    from .config import make_config
+    """A TrainConfig from a recipe, a --config file and the flags given.
+
+    Precedence: flags typed on the command line, then the file, then the
+    recipe (the file may name it), then TrainConfig's defaults.
+    """
+    from click.core import ParameterSource
+    from .config import make_config, read_config_file
+    options.pop("data_dir", None)
+    config_file = options.pop("config_file", None)
+    ctx = click.get_current_context()
+    typed = {name for name in list(options) + ["recipe"]
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                                   ParameterSource.ENVIRONMENT)}
+    if config_file is not None:
+        try:
+            from_file = read_config_file(config_file)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        for key in ("model", "name", "seed"):   # the command (or the experiment) names these
+            if key in from_file and (ctx.command.name == "experiment" or key != "seed"):
+                from_file.pop(key)
+        if "recipe" not in typed:
+            recipe = from_file.pop("recipe", recipe)
+        from_file.pop("recipe", None)
+        for key, value in from_file.items():
+            if key not in typed:
+                options[key] = value
     if options.get("lr_boundaries") is not None and options.get("lr_schedule") is None:
         options["lr_schedule"] = "step"
-    options.pop("data_dir", None)
     try:
         return make_config(model, recipe, **options)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise click.UsageError(str(e)) from None
 
 
@@ -164,15 +201,36 @@ def _config(model, recipe, **options):
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of data split and order, augmentation and initialisation.")
 @click.option("--resume", is_flag=True, help="Continue run --name from its latest checkpoint.")
+@click.option("--devices", type=int, callback=_positive,
+              help="Towers in this process, one per GPU (else per logical CPU device), "
+                   "splitting each --batch-size batch [1, or the resumed run's].")
+@click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="JSON file like $TF_CONFIG (cluster and task): train as one task of a "
+                   "synchronous multi-process run; without it $TF_CONFIG is read "
+                   "(docs/distributed.md).")
+@click.option("--worker-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Multi-process runs: seconds a step may wait for the other tasks before "
+                   "the run stops with an error [120].")
+@click.option("--startup-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Multi-process runs: seconds to wait for every task to start [600].")
 @QUIET
-def train(model, recipe, out, history, resume, quiet, **options):
-    """Train MODEL on CIFAR-10 and record its history and checkpoints."""
+def train(model, recipe, out, history, resume, quiet, devices, cluster_file, worker_timeout,
+          startup_timeout, **options):
+    """Train MODEL on CIFAR-10 and record its history and checkpoints.
+
+    With $TF_CONFIG or --cluster, this process is one task of a synchronous
+    data-parallel run (see launch-local); only the chief writes files.
+    """
+    from .distributed import find_cluster
     from .train import train_run
     data_dir = options["data_dir"]
     cfg = _config(model, recipe, **options)
+    cluster = find_cluster(cluster_file, worker_timeout=worker_timeout,
+                           startup_timeout=startup_timeout)
     result = train_run(cfg, data_dir=data_dir, out=out, history_path=history, resume=resume,
-                       epochs_override=options["epochs"], quiet=quiet, log=click.echo)
-    if not quiet:
+                       epochs_override=options["epochs"], quiet=quiet, log=click.echo,
+                       devices=devices, cluster=cluster)
+    if not quiet and (cluster is None or cluster.is_chief):
         click.echo(f"run folder: {result['run_dir']}  history: {result['history']}")
 
 
@@ -237,12 +295,15 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
 @click.option("--best", is_flag=True,
               help="Evaluate the checkpoint with the best validation accuracy, not the latest.")
 @DATA_DIR
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Also write confusion.png and examples.png (predicted vs true) here.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def eval_cmd(run_dir, split, batch_size, best, data_dir, as_json):
+def eval_cmd(run_dir, split, batch_size, best, data_dir, plot_dir, as_json):
     """Evaluate the latest (or --best) checkpoint of a run on the test or validation split."""
     from .evaluate import evaluate_run
     from .data import CLASS_NAMES
-    m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir, best=best)
+    m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir, best=best,
+                     plot_dir=plot_dir)
     if as_json:
         click.echo(json.dumps(m.to_json()))
         return
@@ -322,9 +383,123 @@ def bench(model, depth, batch_size, steps, warmup, optimizer, augment, input_mod
                    f"{r['images_per_sec']:.1f} images/s")
 
 
+@cli.command("launch-local", context_settings={"ignore_unknown_options": True,
+                                              "allow_interspersed_args": False})
+@click.option("--workers", type=int, default=2, show_default=True, callback=_positive,
+              help="Training processes; worker:0 is the chief.")
+@click.option("--ps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Parameter servers: must be 0 (gradients are averaged by all-reduce).")
+@click.option("--grace", type=click.FloatRange(min=0), default=15.0, show_default=True,
+              help="Seconds a task gets to stop (after a failure or the chief's exit) "
+                   "before it is killed.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def launch_local_cmd(workers, ps, grace, command):
+    """Run `resnet-graph COMMAND...` as a cluster of processes on this machine.
+
+    Example: resnet-graph launch-local --workers 2 -- train original --epochs 2
+
+    Each task gets a TF_CONFIG with free loopback ports; output lines are
+    prefixed with the task name; when one task fails the others are stopped;
+    the exit status is the chief's.
+    """
+    from .launch import launch_local
+    if ps:
+        raise click.UsageError("--ps: training averages gradients with collective all-reduce "
+                               "and uses no parameter servers; drop --ps")
+    ctx = click.get_current_context()
+    ctx.exit(launch_local(list(command), workers, grace=grace))
+
+
+@cli.command()
+@click.option("--ckpt", "run_dir", required=True,
+              type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Run folder written by 'resnet-graph train'.")
+@click.argument("images", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("--top", "top_k", type=click.IntRange(1, 10), default=3, show_default=True,
+              help="Classes shown per image.")
+@click.option("--best", is_flag=True, help="Use the best-validation checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def predict(run_dir, images, top_k, best, as_json):
+    """Classify IMAGES (PNG/JPEG files of any size, or .npy batches of 32x32 RGB).
+
+    Images are resized to 32x32 as a whole: box filter when shrinking, bicubic
+    when enlarging (aspect ratio not kept).
+    """
+    from .serving import predict as run_predict
+    results = run_predict(run_dir, images, best=best)
+    if as_json:
+        click.echo(json.dumps({"predictions": [r.to_json(top_k) for r in results]}))
+        return
+    for r in results:
+        ranked = "  ".join(f"{name} {p:.3f}" for name, p in r.top(top_k))
+        click.echo(f"{r.source}: {ranked}")
+
+
+@cli.command()
+@click.option("--ckpt", "run_dir", required=True,
+              type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Run folder written by 'resnet-graph train'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="New folder for the SavedModel.")
+@click.option("--best", is_flag=True, help="Export the best-validation checkpoint.")
+def export(run_dir, out, best):
+    """Write a run's model as a TensorFlow SavedModel (serving_default: uint8 images in;
+    serving_float: float pixels 0..255 in; logits, probabilities and classes out)."""
+    from .serving import export as run_export
+    click.echo(str(run_export(run_dir, out, best=best)))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def recipes(as_json):
+    """List the named recipes and their values."""
+    from .config import RECIPES, make_config
+    table = {name: {k: v for k, v in make_config("original", name).to_dict().items()
+                    if k not in ("model", "name", "recipe", "depth", "seed", "precision",
+                                 "data_format", "xla", "train_examples")}
+             for name in RECIPES}
+    if as_json:
+        click.echo(json.dumps(table))
+        return
+    keys = list(next(iter(table.values())))
+    width = max(map(len, keys))
+    click.echo(" " * width + "".join(f"  {name:<14}" for name in table))
+    for key in keys:
+        cells = "".join(f"  {_cell(table[name][key]):<14}" for name in table)
+        click.echo(f"{key:<{width}}{cells}")
+
+
+@cli.command()
+@DATA_DIR
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def info(data_dir, as_json):
+    """TensorFlow, devices, what --precision/--data-format auto pick, and the data folder."""
+    from .runtime import environment_info
+    facts = environment_info(data_dir)
+    if as_json:
+        click.echo(json.dumps(facts))
+        return
+    for key, value in facts.items():
+        click.echo(f"{key + ':':<22}{_cell(value)}")
+
+
+def _cell(value) -> str:
+    """A value for a plain-text table: strings as they are, None and [] as '-'."""
+    if value is None or value == []:
+        return "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def main(argv=None):
     """Console entry point."""
-    cli.main(args=argv, prog_name="resnet-graph")
+    try:
+        cli.main(args=argv, prog_name="resnet-graph")
+    except BrokenPipeError:   # e.g. `resnet-graph eval ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        raise SystemExit(141) from None
 
 
 if __name__ == "__main__":

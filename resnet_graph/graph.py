@@ -88,17 +88,23 @@ def normalise(images, mean, std, data_format, dtype):
     return tf.cast(x, dtype)
 
 
-def augment(images, seed, pad=4):
+def augment(images, seed, pad=4, *, offset=0, total=None):
     """Pad by ``pad`` zero pixels, crop a random 32x32 window, flip half.
 
     Each image gets its own offsets and flip, drawn by stateless ops from
     ``seed`` (int [2]), so a resumed run sees exactly the same augmentation.
-    The crop and the flip are one pair of batched gathers.
+    The crop and the flip are one pair of batched gathers. ``images`` may be
+    rows ``offset:`` of a batch of ``total`` (one worker's share of the global
+    batch): the draws are made for the whole batch and sliced, so every image
+    is augmented as it would be in a single process.
     """
     size = images.shape[1]
     batch = tf.shape(images)[0]
     padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    u = tf.random.stateless_uniform([batch, 3], seed=seed)
+    if total is None:
+        u = tf.random.stateless_uniform([batch, 3], seed=seed)
+    else:
+        u = tf.random.stateless_uniform([total, 3], seed=seed)[offset:offset + batch]
     offsets = tf.cast(tf.floor(u[:, :2] * (2 * pad + 1)), tf.int32)
     flip = u[:, 2] < 0.5
     span = tf.range(size, dtype=tf.int32)
@@ -165,6 +171,8 @@ class TrainTensors(ModelTensors):
 
     total_loss: tf.Tensor = None
     learning_rate: tf.Tensor = None
+    step_loss: tf.Tensor = None        # loss/accuracy of the whole global batch of a step
+    step_accuracy: tf.Tensor = None    # (= loss/accuracy with one device and one process)
     train_op: tf.Operation = None
     global_step: tf.Variable = None
     epochs_done: tf.Variable = None
@@ -184,11 +192,12 @@ class TrainTensors(ModelTensors):
 
 
 def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
-                 precision="fp32", data_format="NHWC"):
+                 precision="fp32", data_format="NHWC", training=None):
     """Attach placeholders, the network and its metrics to the default graph.
 
     ``images``/``labels`` are optional default tensors for the placeholders
     (the in-graph training batch); without them the placeholders must be fed.
+    ``training`` is an existing mode flag to share (the towers of one step).
     """
     if images is None:
         images = tf1.placeholder(tf.uint8, [None, 32, 32, 3], name="images")
@@ -196,7 +205,8 @@ def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
     else:
         images = tf1.placeholder_with_default(images, [None, 32, 32, 3], name="images")
         labels = tf1.placeholder_with_default(labels, [None], name="labels")
-    training = tf1.placeholder_with_default(False, [], name="training")
+    if training is None:
+        training = tf1.placeholder_with_default(False, [], name="training")
     dtype = COMPUTE_DTYPES[precision]
     x = normalise(images, mean, std, data_format, dtype)
     with tf1.variable_scope(MODEL_SCOPE):
@@ -239,8 +249,12 @@ def training_loss(cfg: TrainConfig, t: "ModelTensors"):
                           name="smoothed_loss")
 
 
-def _minimize(optimizer, loss, var_list, global_step, loss_scaling):
+def _minimize(optimizer, loss, var_list, global_step, loss_scaling, gradients=None):
     """Gradients and update; with ``loss_scaling``, dynamic loss scaling.
+
+    ``gradients(scale)``, when given, replaces ``tf.gradients(loss * scale)
+    / scale`` (``scale`` is None without loss scaling): several towers and
+    processes average their gradients in it (see :func:`build_train_graph`).
 
     Returns (train_op, loss_scale or None, skipped_steps or None). With loss
     scaling the loss is multiplied by ``loss_scale`` before differentiation and
@@ -249,7 +263,7 @@ def _minimize(optimizer, loss, var_list, global_step, loss_scaling):
     ``LOSS_SCALE_GROWTH_STEPS`` finite steps in a row double it.
     """
     if not loss_scaling:
-        grads = tf.gradients(loss, var_list)
+        grads = tf.gradients(loss, var_list) if gradients is None else gradients(None)
         return optimizer.apply_gradients(zip(grads, var_list), global_step), None, None
     with tf1.variable_scope("loss_scaling"):
         scale = tf1.get_variable("scale", [], tf.float32, tf1.constant_initializer(INITIAL_LOSS_SCALE),
@@ -257,8 +271,11 @@ def _minimize(optimizer, loss, var_list, global_step, loss_scaling):
         good = tf1.get_variable("good_steps", [], tf.int64, tf1.zeros_initializer(), trainable=False)
         skipped = tf1.get_variable("skipped_steps", [], tf.int64, tf1.zeros_initializer(),
                                    trainable=False)
-    scaled = tf.gradients(loss * scale, var_list)
-    grads = [g / scale for g in scaled]
+    if gradients is None:
+        scaled = tf.gradients(loss * scale, var_list)
+        grads = [g / scale for g in scaled]
+    else:
+        grads = gradients(scale)
     finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
 
     def apply():
@@ -277,7 +294,9 @@ def _minimize(optimizer, loss, var_list, global_step, loss_scaling):
 
 
 def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
-                      precision="fp32", data_format="NHWC") -> TrainTensors:
+                      precision="fp32", data_format="NHWC", devices: int = 1,
+                      device_type: str = "CPU", shard=(0, 1), reduce=None,
+                      device_prefix: str = "") -> TrainTensors:
     """Build a complete training graph in the default graph.
 
     Args:
@@ -285,7 +304,23 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
       mean, std: per-channel normalisation of uint8 pixels (0..255 units).
       num_train: images in the training split (the in-graph data variables).
       precision, data_format: resolved values (not ``auto``).
+      devices: towers, one per device ``/device:<device_type>:i``; the
+        global batch ``cfg.batch_size`` is split evenly between them.
+      shard: (rank, workers): this process takes rows ``rank * b:(rank + 1) * b``
+        (b = batch_size / workers) of every global batch (docs/distributed.md).
+      reduce: ``reduce(grads, metrics) -> (grads, metrics, ops)`` averages the
+        gradients and the ``loss``/``accuracy`` metrics across processes; the
+        returned ops join the train op (see resnet_graph.distributed).
+      device_prefix: ``/job:<job>/replica:0/task:<i>`` of this process, or "".
+
+    With one device, one process and no ``reduce`` the graph is the plain
+    single-device one. Otherwise see :func:`_build_replicated_graph`.
     """
+    if devices > 1 or tuple(shard) != (0, 1) or reduce is not None:
+        return _build_replicated_graph(cfg, mean, std, num_train, precision=precision,
+                                       data_format=data_format, devices=devices,
+                                       device_type=device_type, shard=tuple(shard),
+                                       reduce=reduce, device_prefix=device_prefix)
     tf1.set_random_seed(cfg.seed)
     global_step = tf1.train.get_or_create_global_step()
     with tf1.variable_scope("input"):
@@ -319,6 +354,15 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
             train_op, loss_scale, skipped = _minimize(
                 optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE), global_step,
                 loss_scaling=(precision == "fp16"))
+    return _train_tensors(t, total_loss, lr, train_op, global_step, batch_index, data_images,
+                          data_labels, images_var, labels_var, order, permutation, loss_scale,
+                          skipped, step_loss=t.loss, step_accuracy=t.accuracy)
+
+
+def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, batch_index,
+                   data_images, data_labels, images_var, labels_var, order, permutation,
+                   loss_scale, skipped, *, step_loss, step_accuracy) -> TrainTensors:
+    """The epoch counters and the :class:`TrainTensors` of a built training graph."""
     epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
                                    trainable=False)
     epoch_placeholder = tf1.placeholder(tf.int64, [], name="epoch")
@@ -339,7 +383,130 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         data_images=data_images, data_labels=data_labels,
         load_data=tf.group(images_var.initializer, labels_var.initializer, order.initializer),
         permutation=permutation, set_permutation=order.assign(permutation).op,
-        loss_scale=loss_scale, skipped_steps=skipped)
+        loss_scale=loss_scale, skipped_steps=skipped,
+        step_loss=step_loss, step_accuracy=step_accuracy)
+
+
+def _place(device_prefix: str, device: str, variables: str):
+    """A device function: variables on ``variables``, every other op on ``device``."""
+    compute, store = device_prefix + device, device_prefix + variables
+
+    def place(op):
+        return store if op.type in _VARIABLE_OPS else compute
+    return place
+
+
+_VARIABLE_OPS = frozenset({"Variable", "VariableV2", "VarHandleOp", "AutoReloadVariable"})
+
+
+def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, precision,
+                            data_format, devices, device_type, shard, reduce,
+                            device_prefix) -> TrainTensors:
+    """The training graph with towers and/or a share of a multi-process step.
+
+    In-graph replication: tower i runs on ``/device:<device_type>:i`` with the
+    variables (created by tower 0, reused by the others) on ``/device:CPU:0``;
+    each tower takes its slice of this process's rows of the global batch, its
+    gradients are averaged with the others' (then across processes by
+    ``reduce``) and applied once. Batch norm: every tower normalises with its
+    own batch statistics, and only tower 0's UPDATE_OPS move the moving
+    averages (``reduce`` then averages them across processes). The public
+    names (``images:0``, ``loss:0``, ...) are tower 0's, so evaluation feeds
+    tower 0 alone; ``step_loss``/``step_accuracy`` are the global batch's.
+    """
+    rank, workers = shard
+    if cfg.batch_size % (workers * devices):
+        raise ValueError(f"batch size {cfg.batch_size} does not split evenly between "
+                         f"{workers} process(es) x {devices} device(s)")
+    per_process = cfg.batch_size // workers
+    per_tower = per_process // devices
+    variables_device = "/device:CPU:0"
+    tf1.set_random_seed(cfg.seed)
+    with tf.device(device_prefix or None):
+        global_step = tf1.train.get_or_create_global_step()
+    with tf.device(device_prefix + variables_device), tf1.variable_scope("input"):
+        data_images = tf1.placeholder(tf.uint8, [num_train, 32, 32, 3], name="data_images")
+        data_labels = tf1.placeholder(tf.int32, [num_train], name="data_labels")
+        local = [tf1.GraphKeys.LOCAL_VARIABLES]
+        images_var = tf1.Variable(data_images, trainable=False, collections=local,
+                                  name="train_images")
+        labels_var = tf1.Variable(data_labels, trainable=False, collections=local,
+                                  name="train_labels")
+        permutation = tf1.placeholder(tf.int32, [num_train], name="permutation")
+        order = tf1.Variable(tf.range(num_train, dtype=tf.int32), trainable=False,
+                             collections=local, name="order")
+        batch_index = tf1.placeholder_with_default(0, [], name="batch_index")
+        start = batch_index * cfg.batch_size + rank * per_process
+        idx = order[start:start + per_process]
+        batch_images = tf.gather(images_var, idx)
+        batch_labels = tf.gather(labels_var, idx)
+        if cfg.augment:
+            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(global_step, tf.int64)])
+            batch_images = augment(batch_images, seed, offset=rank * per_process,
+                                   total=cfg.batch_size)
+    places = [_place(device_prefix, f"/device:{device_type}:{i}", variables_device)
+              for i in range(devices)]
+    towers, losses, training = [], [], None
+    with tf.xla.experimental.jit_scope() if cfg.xla else contextlib.nullcontext():
+        for i, place in enumerate(places):
+            rows = slice(i * per_tower, (i + 1) * per_tower)
+            reuse = tf1.AUTO_REUSE if i else None
+            scope = tf1.name_scope(f"tower_{i}") if i else contextlib.nullcontext()
+            with tf1.device(place), tf1.variable_scope(tf1.get_variable_scope(), reuse=reuse), \
+                    scope:
+                images = batch_images if devices == 1 else batch_images[rows]
+                labels = batch_labels if devices == 1 else batch_labels[rows]
+                t_i = attach_model(cfg, mean, std, images=images, labels=labels,
+                                   precision=precision, data_format=data_format,
+                                   training=training)
+                training = t_i.training
+                if i == 0:
+                    # Tower 0's batch-norm updates only (see the docstring).
+                    update_ops = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS, scope=MODEL_SCOPE)
+                    decay = weight_decay_loss(cfg)
+                    total_loss = tf.add(training_loss(cfg, t_i), decay, name="total_loss")
+                else:
+                    total_loss = training_loss(cfg, t_i) + decay
+            towers.append(t_i)
+            losses.append(total_loss)
+        t = towers[0]
+        with tf.device(device_prefix + variables_device):
+            step_loss = tf.add_n([x.loss for x in towers]) / float(devices)
+            step_accuracy = tf.add_n([x.accuracy for x in towers]) / float(devices)
+            lr = learning_rate(cfg, global_step, max(num_train // cfg.batch_size, 1))
+            optimizer = make_optimizer(cfg, lr)
+        var_list = tf1.trainable_variables(MODEL_SCOPE)
+        reduced = {}
+
+        def gradients(scale):
+            per_device = []
+            for place, loss in zip(places, losses):
+                with tf1.device(place):
+                    per_device.append(tf.gradients(loss if scale is None else loss * scale,
+                                                   var_list))
+            with tf.device(device_prefix + variables_device):
+                grads = [g[0] if devices == 1 else tf.add_n(list(g)) / float(devices)
+                         for g in zip(*per_device)]
+                if scale is not None:
+                    grads = [g / scale for g in grads]
+                metrics = {"loss": step_loss, "accuracy": step_accuracy}
+                extra = []
+                if reduce is not None:
+                    grads, metrics, extra = reduce(grads, metrics)
+                reduced.update(metrics, extra=list(extra))
+            return grads
+
+        with tf.device(device_prefix + variables_device), tf.control_dependencies(update_ops):
+            train_op, loss_scale, skipped = _minimize(
+                optimizer, losses[0], var_list, global_step, loss_scaling=(precision == "fp16"),
+                gradients=gradients)
+            if reduced["extra"]:
+                train_op = tf.group(train_op, *reduced["extra"])
+    with tf.device(device_prefix or None):
+        return _train_tensors(t, losses[0], lr, train_op, global_step, batch_index, data_images,
+                              data_labels, images_var, labels_var, order, permutation,
+                              loss_scale, skipped, step_loss=reduced["loss"],
+                              step_accuracy=reduced["accuracy"])
 
 
 def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",
@@ -355,7 +522,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session_config():
+def session_config(cpu_devices: int = 1):
     """A ConfigProto: soft placement (uint8 data variables stay on the CPU where a
     GPU kernel is missing), GPU memory grown on demand, and thread pools sized
     explicitly to the usable cores: on the 2-core CPU of docs/performance.md
@@ -364,4 +531,6 @@ def session_config():
     config = tf1.ConfigProto(allow_soft_placement=True, intra_op_parallelism_threads=cores,
                              inter_op_parallelism_threads=cores)
     config.gpu_options.allow_growth = True
+    if cpu_devices > 1:   # logical CPU devices for --devices N without GPUs
+        config.device_count["CPU"] = cpu_devices
     return config

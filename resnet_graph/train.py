@@ -29,9 +29,10 @@ from . import checkpoint, data, history
 from .config import TrainConfig
 from .errors import TrainingInterrupted, UserError
 from .evaluate import Metrics, evaluate
-from .graph import (build_train_graph, gpu_available, resolve_data_format, resolve_precision,
-                    session_config)
-from .runtime import describe_device
+from .graph import (MODEL_SCOPE, build_train_graph, gpu_available, resolve_data_format,
+                    resolve_precision, session_config)
+from .runtime import describe_device, gpu_count
+from .summaries import RunSummaries
 
 tf1 = tf.compat.v1
 
@@ -58,11 +59,16 @@ class Trainer:
       log: where summary lines go (``print`` by default).
       progress: show a tqdm bar per epoch (only where stderr is a terminal).
       eval_batch_size: batch size of validation and test evaluation.
+      devices: towers (one per GPU, else per logical CPU device) that split
+        each global batch of ``cfg.batch_size`` images (docs/distributed.md).
     """
+
+    workers = 1   # processes that share each step (resnet_graph.distributed)
+    summary_steps = 50   # TensorBoard: the step loss every this many steps
 
     def __init__(self, cfg: TrainConfig, dataset: data.Cifar10, run_dir, history_path, *,
                  resume: bool = False, log: Callable[[str], None] = print,
-                 progress: bool = True, eval_batch_size: int = 500):
+                 progress: bool = True, eval_batch_size: int = 500, devices: int = 1):
         self.cfg = cfg
         self.dataset = dataset
         self.run_dir = pathlib.Path(run_dir)
@@ -78,6 +84,18 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise UserError(f"batch size {cfg.batch_size} is larger than the {len(dataset.train)} "
                             "training images; lower --batch-size")
+        self.devices = int(devices)
+        if self.devices < 1:
+            raise UserError(f"--devices must be at least 1, got {devices}")
+        gpus = gpu_count() if self.devices > 1 else 0
+        if 0 < gpus < self.devices:
+            raise UserError(f"--devices {self.devices} but only {gpus} GPUs are visible; "
+                            f"use --devices {gpus} or fewer")
+        self.device_type = "GPU" if gpus else "CPU"
+        if cfg.batch_size % (self.devices * self.workers):
+            raise UserError(f"batch size {cfg.batch_size} does not split evenly between "
+                            f"{self.workers} worker(s) x {self.devices} device(s); choose a "
+                            f"--batch-size that is a multiple of {self.devices * self.workers}")
         self.sess = None
         self.t = None
         self.saver = None
@@ -89,6 +107,7 @@ class Trainer:
         self.best_saver = None
         self.best_acc = -math.inf       # best validation accuracy so far (from the history)
         self.best_epoch = 0
+        self.summaries: Optional[RunSummaries] = None   # TensorBoard events
 
     # -- lifecycle -----------------------------------------------------------------
     def run(self) -> Optional[Metrics]:
@@ -103,6 +122,8 @@ class Trainer:
                     self.after_epoch(epoch, row)
                 self.after_train()
             finally:
+                if self.summaries is not None:
+                    self.summaries.close()
                 if self.sess is not None:
                     self.sess.close()
         return self.result
@@ -135,17 +156,45 @@ class Trainer:
             for sig, handler in saved.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
-    def before_train(self):
-        cfg, ds = self.cfg, self.dataset
+    def attach_train_graph(self):
+        """Build the training graph in the default graph; a hook (distributed runs)."""
+        ds = self.dataset
+        return build_train_graph(self.cfg, ds.mean, ds.std, len(ds.train),
+                                 precision=self.precision, data_format=self.data_format,
+                                 devices=self.devices, device_type=self.device_type)
+
+    def make_session(self, graph):
+        """The session that trains ``graph``; a hook (distributed runs)."""
+        cpus = self.devices if self.device_type == "CPU" else 1
+        return tf1.Session(graph=graph, config=session_config(cpus))
+
+    def build(self):
+        """Graph, savers and session; returns the initialiser op."""
+        if self.cfg.deterministic:
+            # Process-wide and for good: every later graph of this process too.
+            tf.config.experimental.enable_op_determinism()
         graph = tf.Graph()
         with graph.as_default():
-            self.t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train),
-                                       precision=self.precision, data_format=self.data_format)
+            self.t = self.attach_train_graph()
             self.saver = checkpoint.make_saver()
             self.best_saver = checkpoint.make_saver(max_to_keep=1)
+            self.summaries = self.make_summaries()
+            if self.summaries is not None:
+                self.summaries.attach(self.t.total_loss, tf1.trainable_variables(MODEL_SCOPE))
             init = tf1.global_variables_initializer()
         graph.finalize()
-        self.sess = tf1.Session(graph=graph, config=session_config())
+        self.sess = self.make_session(graph)
+        if self.summaries is not None:
+            self.summaries.open(graph)
+        return init
+
+    def make_summaries(self) -> Optional[RunSummaries]:
+        """TensorBoard events in the run folder; a hook (None writes none)."""
+        return RunSummaries(self.run_dir, every_steps=self.summary_steps)
+
+    def before_train(self):
+        cfg, ds = self.cfg, self.dataset
+        init = self.build()
         prefix = checkpoint.latest(self.run_dir) if self.resume else None
         if prefix:
             checkpoint.restore(self.sess, self.saver, prefix)
@@ -188,7 +237,7 @@ class Trainer:
         first = self.start_step if epoch == self.start_epoch else 0
         loss_sum, hits, before = self.progress if first else (0.0, 0.0, 0.0)
         start = time.perf_counter() - before
-        fetches = [t.train_op, t.loss, t.accuracy, t.learning_rate]
+        fetches = [t.train_op, t.step_loss, t.step_accuracy, t.learning_rate]
         if t.skipped_steps is not None:      # fp16: a loss-scale skip is not a failure
             fetches.append(t.skipped_steps)
         skipped = int(self.sess.run(t.skipped_steps)) if t.skipped_steps is not None else 0
@@ -197,8 +246,7 @@ class Trainer:
                    dynamic_ncols=True, initial=first, total=self.steps_per_epoch)
         lr = float("nan")
         for step in bar:
-            _, loss, acc, lr, *skips = self.sess.run(fetches,
-                                                     {t.batch_index: step, t.training: True})
+            _, loss, acc, lr, *skips = self.run_step(fetches, step)
             if skips and skips[0] > skipped:
                 # Loss scaling skipped this step; if its loss overflowed too, count
                 # the epoch's running mean so far instead of inf.
@@ -209,6 +257,8 @@ class Trainer:
                 self._fail(f"loss became {loss} at epoch {epoch}, step {step + 1}; the last "
                            "good checkpoint is kept: lower --lr and --resume")
             loss_sum += loss
+            if self.summaries is not None:
+                self.summaries.step((epoch - 1) * self.steps_per_epoch + step + 1, loss)
             hits += acc
             self.after_step(epoch, step)
             if self.stop_signal is not None:
@@ -232,6 +282,10 @@ class Trainer:
         """Mark the history run as failed (no row is appended) and stop with ``message``."""
         history.set_attrs(self.history_path, self.cfg.name, status="failed", failure=message)
         raise TrainingError(message)
+
+    def run_step(self, fetches, step: int):
+        """Run training step ``step`` (0-based, in the epoch); a hook (distributed runs)."""
+        return self.sess.run(fetches, {self.t.batch_index: step, self.t.training: True})
 
     def after_step(self, epoch: int, step: int) -> None:
         """Called after every training step (0-based ``step`` of ``epoch``); a hook."""
@@ -261,6 +315,9 @@ class Trainer:
             row.update(valid_loss=float("nan"), valid_acc=float("nan"))
         row["seconds"] = time.perf_counter() - start
         history.append_epoch(self.history_path, self.cfg.name, row)
+        if self.summaries is not None:
+            self.summaries.epoch(self.sess, epoch * self.steps_per_epoch, row,
+                                 {self.t.batch_index: 0, self.t.training: True})
         if row["valid_acc"] > self.best_acc:   # NaN (no validation split) never is
             self.best_acc, self.best_epoch = row["valid_acc"], epoch
             checkpoint.save_best(self.sess, self.best_saver, self.run_dir, epoch, row["valid_acc"])
@@ -311,52 +368,93 @@ class Trainer:
         return {"normalization": {"mean": list(self.dataset.mean), "std": list(self.dataset.std)},
                 "data_dir": str(self.dataset.data_dir), "resolved_precision": self.precision,
                 "resolved_data_format": self.data_format,
-                "train_images": len(self.dataset.train), "valid_images": len(self.dataset.valid)}
+                "train_images": len(self.dataset.train), "valid_images": len(self.dataset.valid),
+                "devices": self.devices, "workers": self.workers}
 
     def _write_config(self):
         checkpoint.write_config(self.run_dir, self.cfg, **self._extra_config())
 
     def _history_attrs(self) -> dict:
         return {"tensorflow_version": tf.__version__, "device": describe_device(),
-                "precision": self.precision, "data_format": self.data_format}
+                "precision": self.precision, "data_format": self.data_format,
+                "devices": self.devices, "workers": self.workers}
+
+
+def _holds_a_run(run_dir: pathlib.Path) -> bool:
+    """Whether ``run_dir`` holds anything but what a start killed before config.json
+    leaves behind (the lock file, a config.json temp file): such a folder can neither be
+    resumed (no config) nor, if it counted as a run, be started again."""
+    if not run_dir.is_dir():
+        return run_dir.exists()
+    return any(p.name != checkpoint.LOCK_FILE and not p.name.startswith(".config.json.tmp-")
+               for p in run_dir.iterdir())
 
 
 def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_path=None,
               resume: bool = False, epochs_override: Optional[int] = None,
-              quiet: bool = False, log: Callable[[str], None] = print) -> dict:
+              quiet: bool = False, log: Callable[[str], None] = print,
+              devices: Optional[int] = None, cluster=None) -> dict:
     """Start run ``cfg.name`` under ``out``, or continue it with ``resume``.
 
     A new run refuses a name that already has a run folder or a history group;
     a resumed run takes every option from its config.json (only ``--epochs``
     may change, to train longer). Returns the run folder, history file and
     test metrics.
+
+    ``devices``: towers in this process (default 1, or the resumed run's).
+    ``cluster``: a :class:`resnet_graph.distributed.Cluster` of several
+    processes; only its chief touches ``out`` (docs/distributed.md).
     """
     out = pathlib.Path(out)
     name = history.validate_run_name(cfg.name)
     run_dir = out / name
     history_path = pathlib.Path(history_path) if history_path else out / "histories.h5"
-    if resume:
+    chief = cluster is None or cluster.is_chief
+    saved = {}
+    if not chief:
+        # Another machine has no run folder: a worker builds the model from its own
+        # options (or this machine's config.json when resuming); the chief checks
+        # at start that every task has the same configuration.
+        if resume and (run_dir / "config.json").is_file():
+            saved = checkpoint.read_config(run_dir)
+            cfg = TrainConfig.from_dict(saved)
+            data_dir = data_dir or saved.get("data_dir")
+    elif resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"there is no run {name!r} in {out} to resume; drop --resume to start it")
         saved = checkpoint.read_config(run_dir)
         cfg = TrainConfig.from_dict(saved)
         data_dir = data_dir or saved.get("data_dir")
-    elif run_dir.exists() and any(run_dir.iterdir()) or (
+    elif _holds_a_run(run_dir) or (
             history_path.exists() and history.has_run(history_path, name)):
         raise UserError(f"run {name!r} already exists (in {run_dir} or {history_path}); "
                         "pass --resume to continue it or choose another --name")
     if epochs_override:
         cfg = cfg.replace(epochs=epochs_override)
+    if devices is None:
+        devices = int(saved.get("devices", 1)) if resume else 1
+    shares = devices * (cluster.workers if cluster is not None else 1)
+    if cfg.batch_size % shares:   # before anything is written
+        raise UserError(f"batch size {cfg.batch_size} does not split evenly between "
+                        f"{shares // devices} worker(s) x {devices} device(s); choose a "
+                        f"--batch-size that is a multiple of {shares}")
     # Data first: a data error must not leave an empty run folder behind.
     folder = data.find_data_dir(data_dir, progress=not quiet)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        history_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create {run_dir} ({e.strerror}); choose a writable --out") from None
-    trainer = Trainer(cfg, dataset, run_dir, history_path, resume=resume,
-                      log=(lambda s: None) if quiet else log, progress=not quiet)
+    if chief:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {run_dir} ({e.strerror}); choose a writable --out") from None
+    options = dict(resume=resume, log=(lambda s: None) if quiet else log, progress=not quiet,
+                   devices=devices)
+    if cluster is not None and cluster.workers > 1:
+        from .distributed import DistributedTrainer
+        trainer = DistributedTrainer(cfg, dataset, run_dir, history_path, cluster=cluster,
+                                     **options)
+    else:
+        trainer = Trainer(cfg, dataset, run_dir, history_path, **options)
     metrics = trainer.run()
     return {"run_dir": str(run_dir), "history": str(history_path), "test": metrics}

@@ -1,0 +1,160 @@
+"""``resnet-graph launch-local``: a cluster of training processes on this machine.
+
+Picks free loopback ports, starts one ``resnet-graph`` subprocess per task
+with its ``TF_CONFIG`` (``worker:0`` is the chief), streams every line of
+their stdout/stderr prefixed with the task name, and:
+
+- when a task fails (non-zero status or a signal), stops the others: SIGTERM
+  to each process group, SIGKILL after ``grace`` seconds;
+- when the chief has exited, gives the others ``grace`` seconds to finish;
+- forwards SIGINT/SIGTERM to every task (a second one kills them);
+- returns the chief's status (128 + N if a signal N ended it).
+
+No TensorFlow here: the tasks import it.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import List, Optional, Sequence, TextIO
+
+from .errors import UserError
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> List[int]:
+    """``n`` distinct ports that were free on ``host`` a moment ago."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def tf_configs(workers: int, host: str = "127.0.0.1") -> List[dict]:
+    """One TF_CONFIG per task of a ``workers``-task cluster on ``host``."""
+    addresses = [f"{host}:{p}" for p in free_ports(workers, host)]
+    return [{"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}
+            for i in range(workers)]
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+class _Task:
+    def __init__(self, name: str, argv: Sequence[str], env: dict):
+        self.name = name
+        self.process = subprocess.Popen(
+            list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, bufsize=1, text=True,
+            errors="replace")
+        self.threads = []
+
+    def signal(self, number: int) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, number)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _pump(stream, prefix: str, out: TextIO, lock: threading.Lock) -> None:
+    for line in iter(stream.readline, ""):
+        with lock:
+            out.write(f"{prefix}{line if line.endswith(chr(10)) else line + chr(10)}")
+            out.flush()
+    stream.close()
+
+
+def launch_local(command: Sequence[str], workers: int, *, grace: float = 15.0,
+                 stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None,
+                 python: Optional[str] = None) -> int:
+    """Run ``resnet-graph COMMAND...`` as ``workers`` tasks; return the chief's status."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    if not command:
+        raise UserError("give the command to run after '--', e.g. -- train original --epochs 2")
+    lock = threading.Lock()
+
+    def note(text: str) -> None:
+        with lock:
+            stderr.write(f"[launch-local] {text}\n")
+            stderr.flush()
+
+    argv = [python or sys.executable, "-m", "resnet_graph.cli", *command]
+    tasks: List[_Task] = []
+    try:
+        for config in tf_configs(workers):
+            env = dict(os.environ, TF_CONFIG=json.dumps(config), PYTHONUNBUFFERED="1")
+            name = f"worker:{config['task']['index']}"
+            task = _Task(name, argv, env)
+            tasks.append(task)
+            address = config["cluster"]["worker"][config["task"]["index"]]
+            note(f"{name} pid {task.process.pid} on {address}"
+                 + (" (chief)" if not tasks[1:] else ""))
+            for stream, out in ((task.process.stdout, stdout), (task.process.stderr, stderr)):
+                thread = threading.Thread(target=_pump, args=(stream, f"[{name}] ", out, lock),
+                                          daemon=True)
+                thread.start()
+                task.threads.append(thread)
+    except OSError as e:
+        for task in tasks:
+            task.signal(signal.SIGKILL)
+        raise UserError(f"cannot start {argv[0]} ({e.strerror})") from None
+
+    signals_seen = []
+
+    def forward(number, frame):
+        signals_seen.append(number)
+        for task in tasks:
+            task.signal(number if len(signals_seen) == 1 else signal.SIGKILL)
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            saved[number] = signal.signal(number, forward)
+    try:
+        kill_at = None          # when to SIGKILL whatever still runs
+        while True:
+            codes = [t.process.poll() for t in tasks]
+            running = [t for t, c in zip(tasks, codes) if c is None]
+            if not running:
+                break
+            failed = [t for t, c in zip(tasks, codes) if c not in (None, 0)]
+            now = time.monotonic()
+            if kill_at is None and failed:
+                if not signals_seen:
+                    note(f"{failed[0].name} exited with status {_exit_status(failed[0].process.returncode)}"
+                         f"; stopping the other tasks")
+                for t in running:
+                    t.signal(signal.SIGTERM)
+                kill_at = now + grace
+            elif kill_at is None and codes[0] is not None:
+                kill_at = now + grace   # the chief is done: the others have grace seconds
+            elif kill_at is not None and now > kill_at:
+                for t in running:
+                    note(f"{t.name} did not stop within {grace:.0f} s; killing it")
+                    t.signal(signal.SIGKILL)
+                kill_at = now + 3600
+            time.sleep(0.1)
+        for task in tasks:
+            for thread in task.threads:
+                thread.join(timeout=5)
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+        for task in tasks:       # never leave a task behind (e.g. on an exception here)
+            task.signal(signal.SIGKILL)
+    return _exit_status(tasks[0].process.returncode)

@@ -1,0 +1,214 @@
+"""Towers in one process and synchronous training over several processes (loopback only).
+
+Every subprocess runs in its own process group with a timeout and is killed
+(group-wide) whatever happens, so no test can hang or leave tasks behind.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from resnet_graph import checkpoint, history
+from resnet_graph.cli import cli
+from resnet_graph.config import TrainConfig
+from resnet_graph.distributed import parse_cluster
+from resnet_graph.errors import UserError
+from resnet_graph.graph import build_train_graph, session_config
+from resnet_graph.launch import launch_local, tf_configs
+
+tf1 = tf.compat.v1
+
+TRAIN = ["train", "original", "--depth", "8", "--batch-size", "50", "--valid-size", "50",
+         "--lr", "0.01", "--seed", "0"]
+
+
+# -- towers ------------------------------------------------------------------------------
+def _one_step(cfg, devices, images, labels, values=None):
+    """Loss of one deterministic step and the variables after it (``values`` preset)."""
+    g = tf.Graph()
+    with g.as_default():
+        t = build_train_graph(cfg, (120,) * 3, (60,) * 3, len(images), devices=devices,
+                              precision=cfg.precision)
+        init = tf1.global_variables_initializer()
+        variables = {v.op.name: v for v in tf1.global_variables()}
+    with tf1.Session(graph=g, config=session_config(devices)) as sess:
+        sess.run(init)
+        sess.run(t.load_data, {t.data_images: images, t.data_labels: labels})
+        if values is not None:
+            for name, value in values.items():
+                variables[name].load(value, sess)
+        before = sess.run(variables)
+        # training=False: batch norm uses its moving statistics, so the result does
+        # not depend on how the batch is split between towers.
+        _, loss, acc = sess.run([t.train_op, t.step_loss, t.step_accuracy],
+                                {t.batch_index: 1, t.training: False})
+        after = sess.run(variables)
+        devices_used = {op.device for op in g.get_operations() if op.device}
+    return loss, acc, before, after, devices_used
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_two_towers_match_one_device(precision):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 24).astype(np.int32)
+    cfg = TrainConfig(depth=8, batch_size=8, optimizer="momentum", lr=0.1, weight_decay=1e-3,
+                      augment=False, precision=precision)
+    loss1, acc1, before, after1, _ = _one_step(cfg, 1, images, labels)
+    loss2, acc2, _, after2, used = _one_step(cfg, 2, images, labels, values=before)
+    assert {d for d in used if "CPU:1" in d}, "tower 1 is not on the second device"
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    np.testing.assert_allclose(loss2, loss1, **tol)
+    assert acc1 == acc2
+    trainable = [n for n in before if n.startswith("model/") and "moving" not in n]
+    assert trainable
+    for name in trainable:
+        # momentum SGD's first step: w -= lr * grad, so this compares the gradients.
+        g1 = (before[name] - after1[name]) / cfg.lr
+        g2 = (before[name] - after2[name]) / cfg.lr
+        np.testing.assert_allclose(g2, g1, err_msg=name, **tol)
+    if precision == "fp16":
+        assert after2["loss_scaling/skipped_steps"] == 0
+
+
+def test_cluster_json_is_checked():
+    spec = {"cluster": {"chief": ["h:1"], "worker": ["h:2", "h:3"]},
+            "task": {"type": "worker", "index": 1}}
+    c = parse_cluster(json.dumps(spec))
+    assert (c.rank, c.workers, c.is_chief, c.leader) == (2, 3, False, "/job:chief/replica:0/task:0")
+    with pytest.raises(UserError, match="ps"):
+        parse_cluster({"cluster": {"ps": ["h:1"], "worker": ["h:2"]},
+                       "task": {"type": "worker", "index": 0}})
+    with pytest.raises(UserError, match="not in the cluster"):
+        parse_cluster({"cluster": {"worker": ["h:2"]}, "task": {"type": "worker", "index": 3}})
+
+
+# -- processes -------------------------------------------------------------------------------
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("RESNET_GRAPH_DATA_DIR", None)
+    return env
+
+
+def _kill_group(p):
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.wait(timeout=10)
+
+
+def _launch(args, timeout):
+    cmd = [sys.executable, "-m", "resnet_graph.cli", "launch-local", "--grace", "10", *args]
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        _kill_group(p)
+    return p.returncode, out, err
+
+
+def test_two_workers_train_one_model_that_evaluates_in_one_process(tiny_data_dir, tmp_path):
+    start = time.monotonic()
+    code, out, err = _launch(["--workers", "2", "--", *TRAIN, "--epochs", "2",
+                              "--data-dir", str(tiny_data_dir), "--out", str(tmp_path),
+                              "--worker-timeout", "60"], timeout=240)
+    assert code == 0, err[-2000:]
+    assert "[worker:1] worker:1: epoch 2/2" in err        # the worker logs on stderr
+    assert "[worker:0] epoch 2/2" in out                   # the chief on stdout
+    run = history.read_run(tmp_path / "histories.h5", "original-8")
+    assert list(run.columns["epoch"]) == [1, 2]
+    assert run.attrs["workers"] == 2
+    saved = checkpoint.read_config(tmp_path / "original-8")
+    assert saved["workers"] == 2 and saved["batch_size"] == 50
+    assert checkpoint.latest(tmp_path / "original-8").endswith("model.ckpt-10")  # 250 / 50 x 2
+    # `resnet-graph eval --ckpt` in this (single, cluster-less) process.
+    ev = CliRunner().invoke(cli, ["eval", "--ckpt", str(tmp_path / "original-8"), "--json"],
+                            catch_exceptions=False)
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.output)["accuracy"] == pytest.approx(run.attrs["test_acc"], abs=1e-12)
+    print(f"2-worker run + eval: {time.monotonic() - start:.1f}s")
+
+
+def test_a_killed_worker_stops_the_chief_cleanly_and_the_run_resumes(tiny_data_dir, tmp_path):
+    common = [*TRAIN, "--data-dir", str(tiny_data_dir), "--out", str(tmp_path),
+              "--worker-timeout", "30"]
+    tasks = []
+    try:
+        for config in tf_configs(2):
+            env = dict(_env(), TF_CONFIG=json.dumps(config))
+            tasks.append(subprocess.Popen(
+                [sys.executable, "-m", "resnet_graph.cli", *common, "--epochs", "30"], env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True))
+        chief, worker = tasks
+        # Read the chief's lines in a thread: a blocking readline must not hang the test.
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(chief.stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("epoch 2/30") for line in lines):
+            assert time.monotonic() < deadline and chief.poll() is None, lines
+            time.sleep(0.1)
+        os.killpg(worker.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        code = chief.wait(timeout=30 + 60)        # worker timeout + the watchdog's margin
+        waited = time.monotonic() - killed
+        err = chief.stderr.read()
+    finally:
+        for p in tasks:
+            _kill_group(p)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Error: worker:0: lost the other tasks") and "--resume" in last, last
+    print(f"chief stopped {waited:.1f}s after the worker was killed")
+    run = history.read_run(tmp_path / "histories.h5", "original-8")
+    done = int(run.columns["epoch"][-1])
+    assert list(run.columns["epoch"]) == list(range(1, done + 1)) and done >= 2
+    assert checkpoint.latest(tmp_path / "original-8").endswith(f"model.ckpt-{5 * done}")
+    # Recovery: restart every task with --resume; the run continues from the checkpoint.
+    code, out, err = _launch(["--workers", "2", "--", *common, "--resume",
+                              "--epochs", str(done + 1)], timeout=240)
+    assert code == 0, err[-2000:]
+    run = history.read_run(tmp_path / "histories.h5", "original-8")
+    assert list(run.columns["epoch"]) == list(range(1, done + 2))
+    assert f"resuming original-8 after epoch {done}" in out
+
+
+def test_launch_local_stops_the_others_when_a_task_fails(tmp_path):
+    """No TensorFlow: a fake interpreter whose task 1 fails while task 0 would run on."""
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$TF_CONFIG\" in *'\"index\": 1'*) echo boom >&2; exit 3;; esac\n"
+                    "echo started; exec sleep 60\n")
+    fake.chmod(0o755)
+    start = time.monotonic()
+    out, err = _Capture(), _Capture()
+    code = launch_local(["train"], 2, grace=2, stdout=out, stderr=err, python=str(fake))
+    assert time.monotonic() - start < 20
+    assert code == 128 + signal.SIGTERM        # the chief's status: stopped by SIGTERM
+    assert "[worker:1] boom" in err.text and "worker:1 exited with status 3" in err.text
+    assert "[worker:0] started" in out.text
+
+
+class _Capture:
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
