@@ -8,6 +8,7 @@ output does not depend on its batch either).
 import contextlib
 import dataclasses
 import pathlib
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -29,6 +30,7 @@ class Metrics:
     loss: float
     accuracy: float
     confusion: np.ndarray   # [10, 10] int64, rows = true class
+    predictions: Optional[np.ndarray] = None   # int32 [examples], when asked for
 
     @property
     def per_class_accuracy(self):
@@ -42,12 +44,15 @@ class Metrics:
                 "confusion": self.confusion.tolist()}
 
 
-def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: str = "") -> Metrics:
-    """Loss, accuracy and confusion matrix of the model in ``tensors`` on ``split``."""
+def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: str = "",
+             keep_predictions: bool = False) -> Metrics:
+    """Loss, accuracy and confusion matrix of the model in ``tensors`` on ``split``
+    (with ``keep_predictions``, also every image's predicted class)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     total_loss = 0.0
     confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    kept = []
     for start in range(0, len(split), batch_size):
         images = split.images[start:start + batch_size]
         labels = split.labels[start:start + batch_size]
@@ -56,10 +61,13 @@ def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: s
             {tensors.images: images, tensors.labels: labels, tensors.training: False})
         total_loss += float(np.sum(losses, dtype=np.float64))
         np.add.at(confusion, (labels, predictions), 1)
+        if keep_predictions:
+            kept.append(predictions)
     n = len(split)
     hits = int(np.trace(confusion))
     return Metrics(split=name, examples=n, loss=total_loss / n if n else float("nan"),
-                   accuracy=hits / n if n else float("nan"), confusion=confusion)
+                   accuracy=hits / n if n else float("nan"), confusion=confusion,
+                   predictions=np.concatenate(kept) if kept else None)
 
 
 def eval_precision(saved: str) -> str:
@@ -101,9 +109,10 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
 
 
 def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
-                 data_dir=None, best: bool = False) -> Metrics:
+                 data_dir=None, best: bool = False, plot_dir=None) -> Metrics:
     """Evaluate ``split`` with the latest (with ``best``, best-validation)
-    checkpoint of ``run_dir`` (see :func:`open_run`)."""
+    checkpoint of ``run_dir`` (see :func:`open_run`); with ``plot_dir``, also
+    draw the confusion matrix and example predictions there."""
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
@@ -116,4 +125,10 @@ def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
         raise DataError(f"run {run_dir.name} has no {split} split (valid-size 0); "
                         "use --split test")
     with open_run(run_dir, best=best) as (sess, tensors, _):
-        return evaluate(sess, tensors, chosen, batch_size=batch_size, name=split)
+        metrics = evaluate(sess, tensors, chosen, batch_size=batch_size, name=split,
+                           keep_predictions=plot_dir is not None)
+    if plot_dir is not None:
+        from .plotting import plot_evaluation
+        plot_evaluation(metrics.confusion, chosen.images, chosen.labels, metrics.predictions,
+                        data.CLASS_NAMES, plot_dir, title=f"{run_dir.name} ({split})")
+    return metrics

@@ -259,3 +259,73 @@ def _write_png(fig: Figure, target: Path) -> Path:
             os.remove(tmp)
         raise
     return target
+
+
+# --------------------------------------------------------------------------
+# Figures of one evaluation: confusion matrix and example predictions
+# --------------------------------------------------------------------------
+
+
+def plot_evaluation(confusion, images, labels, predictions, class_names: Sequence[str],
+                    out_dir, *, title: str = "", examples: int = 40) -> list[Path]:
+    """Write ``confusion.png`` (row-normalised heat map with counts) and
+    ``examples.png`` (the first ``examples`` images with predicted and true
+    classes; mistakes in red) into ``out_dir``; return the paths."""
+    out = _prepare_folder(out_dir)
+    return [
+        _write_png(_confusion_figure(np.asarray(confusion), class_names, title),
+                   out / "confusion.png"),
+        _write_png(_examples_figure(images[:examples], labels[:examples],
+                                    predictions[:examples], class_names, title),
+                   out / "examples.png"),
+    ]
+
+
+def _confusion_figure(confusion: np.ndarray, names: Sequence[str], title: str) -> Figure:
+    fig, ax = _new_axes(figsize=(8.0, 7.0))
+    totals = confusion.sum(axis=1, keepdims=True)
+    rates = np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    k = len(names)
+    ax.set_xticks(range(k), names, rotation=45, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if rates[i, j] > 0.5 else "black")
+    accuracy = np.trace(confusion) / max(int(confusion.sum()), 1)
+    ax.set_title(f"{title + ': ' if title else ''}confusion matrix, accuracy "
+                 f"{100 * accuracy:.2f}% of {int(confusion.sum())} images")
+    return fig
+
+
+def _examples_figure(images, labels, predictions, names: Sequence[str], title: str) -> Figure:
+    n = len(images)
+    cols = 8
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(cols * 1.3, rows * 1.55 + 0.4), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        right = int(predictions[i]) == int(labels[i])
+        ax.imshow(images[i], interpolation="nearest")
+        colour = "black" if right else "red"
+        ax.set_title(f"{names[int(predictions[i])]}\n" + ("" if right else f"(true {names[int(labels[i])]})"),
+                     fontsize=7, color=colour)
+        if not right:
+            ax.set_axis_on()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red")
+                spine.set_linewidth(2.5)
+    wrong = int(np.sum(np.asarray(predictions[:n]) != np.asarray(labels[:n])))
+    fig.suptitle(f"{title + ': ' if title else ''}predicted class of the first {n} images "
+                 f"({wrong} wrong, in red with the true class)", fontsize=9)
+    return fig

@@ -141,3 +141,22 @@ def test_recipes_lists_every_recipe():
     assert table["fast"]["label_smoothing"] == 0.1
     text = invoke("recipes").output
     assert "lr_schedule" in text and "cosine" in text
+
+
+def test_eval_plot_draws_the_confusion_matrix_and_examples(run, tmp_path):
+    _, run_dir, folder = run
+    result = invoke("eval", "--ckpt", run_dir, "--plot", tmp_path / "figs", "--json")
+    assert result.exit_code == 0, result.output
+    confusion = np.array(json.loads(result.stdout)["confusion"])
+    for name in ("confusion.png", "examples.png"):
+        with Image.open(tmp_path / "figs" / name) as img:
+            assert img.format == "PNG" and img.width > 500 and img.height > 300
+    # The kept predictions agree with the confusion matrix they were counted into.
+    from resnet_graph.evaluate import evaluate
+    test = data.load_cifar10(folder, valid_size=50).test
+    with open_run(run_dir) as (sess, t, _):
+        m = evaluate(sess, t, test, keep_predictions=True)
+    assert m.predictions.shape == (len(test),)
+    counted = np.zeros((10, 10), int)
+    np.add.at(counted, (test.labels, m.predictions), 1)
+    np.testing.assert_array_equal(counted, confusion)
