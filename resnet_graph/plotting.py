@@ -109,7 +109,11 @@ def _lr_figure(runs: list[Run], colours: list) -> Figure | None:
         lr = run.columns["lr"]
         values.append(lr[np.isfinite(lr)])
     finite = np.concatenate(values)
-    log = bool(len(finite)) and bool(np.all(finite > 0))
+    # Log scale shows step schedules (a few levels, decades apart) well; a
+    # cosine decay to ~0 would end in a cliff there, so it gets a linear axis.
+    smooth = any(run.attrs.get("config", {}).get("lr_schedule") == "cosine"
+                 for run, _ in with_lr)
+    log = bool(len(finite)) and bool(np.all(finite > 0)) and not smooth
     if log:
         ax.set_yscale("log")
     ax.set_title("Learning rate per epoch")

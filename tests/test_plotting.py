@@ -89,6 +89,11 @@ def test_lr_axis_is_log_when_positive():
     run.columns["lr"] = np.array([0.1, 0.0, 0.0])
     fig = plotting._lr_figure([run], plotting._colours(1))
     assert fig.axes[0].get_yscale() == "linear"
+    cosine = fake_run("cosine", 8)
+    cosine.attrs["config"]["lr_schedule"] = "cosine"
+    cosine.columns["lr"] = 0.05 * (1 + np.cos(np.pi * np.arange(8) / 8))
+    fig = plotting._lr_figure([cosine], plotting._colours(1))
+    assert fig.axes[0].get_yscale() == "linear"   # a decay to ~0 is no cliff on a linear axis
 
 
 def test_final_accuracy_prefers_test_then_validation():
