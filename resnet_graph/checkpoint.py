@@ -144,6 +144,15 @@ def save(sess, saver, run_dir, step: int) -> str:
                               "the previous checkpoint is intact: free space and --resume") from None
 
 
+def adopt_existing(saver, folder) -> None:
+    """Let ``saver`` manage the checkpoints already listed in ``folder``'s state
+    file, so that its ``max_to_keep`` deletes them in turn after a resume (a new
+    Saver only deletes what it wrote itself)."""
+    state = tf1.train.get_checkpoint_state(str(folder))
+    if state is not None and state.all_model_checkpoint_paths:
+        saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
+
+
 def restore(sess, saver, prefix: str) -> None:
     try:
         with sess.graph.as_default():

@@ -194,10 +194,18 @@ class Trainer:
 
     def before_train(self):
         cfg, ds = self.cfg, self.dataset
+        if not self.resume and ((self.run_dir / "config.json").exists() or (
+                self.history_path.exists() and history.has_run(self.history_path, cfg.name))):
+            # Checked again under the run lock: another start of the same name may
+            # have finished between train_run's check and this process taking the lock.
+            raise UserError(f"run {cfg.name!r} already exists (in {self.run_dir} or "
+                            f"{self.history_path}); pass --resume or choose another --name")
         init = self.build()
         prefix = checkpoint.latest(self.run_dir) if self.resume else None
         if prefix:
             checkpoint.restore(self.sess, self.saver, prefix)
+            checkpoint.adopt_existing(self.saver, self.run_dir)
+            checkpoint.adopt_existing(self.best_saver, self.run_dir / checkpoint.BEST_DIR)
             done, step, progress = self.sess.run(
                 [self.t.epochs_done, self.t.global_step, self.t.epoch_progress])
             self.start_epoch = int(done) + 1

@@ -158,6 +158,10 @@ def test_resume_continues_without_gaps_or_duplicates(tiny_data_dir, tmp_path):
     for field in ("train_loss", "valid_loss", "valid_acc"):
         np.testing.assert_allclose(b.columns[field], a.columns[field], rtol=2e-3, atol=2e-3)
     assert resumed["test"].accuracy == pytest.approx(straight["test"].accuracy, abs=0.02)
+    # After the resume the Saver still keeps three checkpoints, the older ones included.
+    assert sorted(p.name for p in (tmp_path / "split").glob("model.ckpt-*.index")) == [
+        "model.ckpt-10.index", "model.ckpt-15.index", "model.ckpt-20.index"]
+    assert len(list((tmp_path / "split" / "best").glob("model.ckpt-*.index"))) == 1
 
 
 def test_a_run_name_that_exists_is_refused_without_resume(tiny_data_dir, tmp_path):
@@ -169,6 +173,20 @@ def test_a_run_name_that_exists_is_refused_without_resume(tiny_data_dir, tmp_pat
     with pytest.raises(UserError, match="no run"):
         train_run(tiny_config(epochs=1, name="other"), data_dir=tiny_data_dir, out=tmp_path,
                   resume=True, quiet=True)
+
+
+def test_a_start_that_lost_the_race_for_its_name_changes_nothing(tiny_data_dir, tmp_path):
+    """The second of two starts of one name passed train_run's check, then the first
+    finished before the second took the run lock: the check is repeated under it."""
+    train_run(tiny_config(epochs=1), data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    run_dir = tmp_path / "original-8"
+    config = (run_dir / "config.json").read_bytes()
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    late = Trainer(tiny_config(epochs=1, lr=0.5), ds, run_dir, tmp_path / "histories.h5",
+                   progress=False, log=lambda s: None)
+    with pytest.raises(UserError, match="already exists"):
+        late.run()
+    assert (run_dir / "config.json").read_bytes() == config
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
