@@ -229,3 +229,27 @@ def test_a_diverging_run_stops_and_is_marked_failed(tiny_data_dir, tmp_path):
     assert run.attrs["status"] == "failed" and "epoch 2" in run.attrs["failure"]
     assert run.epochs == 1                      # no garbage row appended
     assert checkpoint.latest(tmp_path / "run").endswith("model.ckpt-5")  # epoch 1's, untouched
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tiny_data_dir, tmp_path,
+                                                                    monkeypatch):
+    """A full disk during the epoch-2 checkpoint: one clear error, epoch 1's checkpoint
+    stays the latest, and --resume redoes epoch 2."""
+    real_save = tf1.train.Saver.save
+    calls = []
+
+    def save(self, sess, path, *args, **kw):
+        calls.append(kw.get("global_step"))
+        if kw.get("global_step") == 10:
+            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        return real_save(self, sess, path, *args, **kw)
+
+    monkeypatch.setattr(tf1.train.Saver, "save", save)
+    with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
+        train_run(tiny_config(epochs=2), data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    assert checkpoint.latest(tmp_path / "original-8").endswith("model.ckpt-5")
+    monkeypatch.setattr(tf1.train.Saver, "save", real_save)
+    train_run(tiny_config(epochs=2), data_dir=tiny_data_dir, out=tmp_path, resume=True,
+              quiet=True)
+    run = history.read_run(tmp_path / "histories.h5", "original-8")
+    assert list(run.columns["epoch"]) == [1, 2] and "test_acc" in run.attrs
