@@ -315,6 +315,7 @@ def _open_for_reading(path: Path) -> Iterator[h5py.File]:
         )
     if path.is_dir():
         raise HistoryError(f"{path} is a folder, not an HDF5 history file")
+    _probe(path)
     try:
         f = h5py.File(path, "r", locking=False)
     except PermissionError as exc:
@@ -326,6 +327,57 @@ def _open_for_reading(path: Path) -> Iterator[h5py.File]:
     finally:
         with contextlib.suppress(*_H5_ERRORS):
             f.close()
+
+
+# Files that a child process has read completely, by (path, inode, size, mtime).
+_PROBED: dict[tuple, bool] = {}
+PROBE_SECONDS = 20.0   # plus one second per MiB
+
+
+def _probe(path: Path) -> None:
+    """Read the whole file once in a forked child before this process touches it.
+
+    Some damaged HDF5 files send libhdf5 into an endless loop (a corrupted global
+    heap under a string attribute was found by the fuzz test) or crash it; C code
+    cannot be interrupted from Python, so a child takes that risk: if it does not
+    finish in time or dies of a signal, the file is reported as damaged and this
+    process never reads it. A child that raises an ordinary error exits normally,
+    and the read below reports that error as usual.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _PROBED or not hasattr(os, "fork"):
+        return
+    limit = PROBE_SECONDS + st.st_size / (1 << 20)
+    pid = os.fork()
+    if pid == 0:   # the child: read everything, report by exit code only
+        code = 0
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                for name in _group_names(f):
+                    _load_group(f[name], name, path)
+        except BaseException:  # noqa: BLE001 - the parent reads again and reports it
+            code = 3
+        os._exit(code)
+    deadline = time.monotonic() + limit
+    status = None
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.005)
+    else:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        raise HistoryError(f"{path} is damaged: reading it did not finish in {limit:.0f} s")
+    if os.WIFSIGNALED(status):
+        raise HistoryError(f"{path} is damaged: reading it crashed HDF5 "
+                           f"(signal {os.WTERMSIG(status)})")
+    _PROBED[key] = True
 
 
 def _group_names(f: h5py.Group) -> list[str]:
@@ -387,9 +439,30 @@ def _load_group(group: h5py.Group, name: str, path: Path) -> Run:
     return Run(name=name, columns=columns, attrs=_read_attrs(group, where))
 
 
+# What a history attribute may be: text, numbers, booleans (h5py's enum), at most
+# this many values. Anything else is a damaged file, refused before HDF5 reads the
+# value (an opaque type made by a flipped bit once sent h5py into an endless read).
+_ATTR_TYPES = (h5py.h5t.TypeStringID, h5py.h5t.TypeIntegerID, h5py.h5t.TypeFloatID,
+               h5py.h5t.TypeEnumID)
+_ATTR_MAX_VALUES = 1 << 16
+
+
+def _check_attr(group: h5py.Group, key: str, where: str) -> None:
+    attr = h5py.h5a.open(group.id, key.encode("utf-8"))
+    try:
+        kind = attr.get_type()
+        size = int(np.prod(attr.shape, dtype=np.int64)) if attr.shape else 1
+    finally:
+        attr.close()
+    if not isinstance(kind, _ATTR_TYPES) or size > _ATTR_MAX_VALUES:
+        raise HistoryError(f"{where}: attribute {key} has an unexpected type or size; "
+                           "the file is damaged")
+
+
 def _read_attrs(group: h5py.Group, where: str) -> dict:
     attrs: dict[str, Any] = {}
     for key in group.attrs.keys():
+        _check_attr(group, key, where)
         attrs[key] = _python_value(group.attrs[key])
     if "config" in attrs:
         text = attrs["config"]

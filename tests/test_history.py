@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from resnet_graph import history
@@ -376,7 +376,8 @@ def test_empty_file_is_not_a_history(tmp_path):
 
 
 _FUZZ_SETTINGS = settings(
-    max_examples=50, deadline=None,
+    # derandomize: the same examples on every run, so CI cannot meet a new one by chance
+    max_examples=50, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -408,8 +409,20 @@ def _valid_file_bytes() -> bytes:
         max_size=8,
     ),
 )
+# Found by this test: libhdf5 looped for ever on the corrupted global heap of a
+# string attribute; the forked probe (history._probe) turns that into an error.
+@example(cut=83466, flips=[(107274, 78), (825, 207), (1453, 55), (2112, 107), (107274, 78),
+                           (378252, 255)])
 def test_fuzz_damaged_history(cut, flips):
     """Truncated or bit-flipped history files read fine or raise HistoryError, nothing else."""
+    saved, history.PROBE_SECONDS = history.PROBE_SECONDS, 3.0
+    try:
+        _read_damaged(cut, flips)
+    finally:
+        history.PROBE_SECONDS = saved
+
+
+def _read_damaged(cut, flips):
     original = _valid_file_bytes()
     data = bytearray(original)
     for position, mask in flips:
