@@ -325,12 +325,7 @@ class DistributedTrainer(Trainer):
             return super().run()
         with self._stop_on_signals():
             try:
-                self.before_train()
-                for epoch in range(self.start_epoch, self.cfg.epochs + 1):
-                    self.before_epoch(epoch)
-                    row = self.run_epoch(epoch)
-                    self.after_epoch(epoch, row)
-                self.after_train()
+                self.train_epochs()
             finally:
                 self.watchdog.disarm()
                 if self.sess is not None:

@@ -323,24 +323,8 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                                        reduce=reduce, device_prefix=device_prefix)
     tf1.set_random_seed(cfg.seed)
     global_step = tf1.train.get_or_create_global_step()
-    with tf1.variable_scope("input"):
-        data_images = tf1.placeholder(tf.uint8, [num_train, 32, 32, 3], name="data_images")
-        data_labels = tf1.placeholder(tf.int32, [num_train], name="data_labels")
-        local = [tf1.GraphKeys.LOCAL_VARIABLES]
-        images_var = tf1.Variable(data_images, trainable=False, collections=local,
-                                  name="train_images")
-        labels_var = tf1.Variable(data_labels, trainable=False, collections=local,
-                                  name="train_labels")
-        permutation = tf1.placeholder(tf.int32, [num_train], name="permutation")
-        order = tf1.Variable(tf.range(num_train, dtype=tf.int32), trainable=False,
-                             collections=local, name="order")
-        batch_index = tf1.placeholder_with_default(0, [], name="batch_index")
-        idx = order[batch_index * cfg.batch_size:(batch_index + 1) * cfg.batch_size]
-        batch_images = tf.gather(images_var, idx)
-        batch_labels = tf.gather(labels_var, idx)
-        if cfg.augment:
-            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(global_step, tf.int64)])
-            batch_images = augment(batch_images, seed)
+    inp = _training_input(cfg, num_train, global_step)
+    batch_images, batch_labels = inp.batch_images, inp.batch_labels
     # --xla: compile the model, its gradients and the update (jit_scope marks
     # every op created inside; it works on CPUs and GPUs alike).
     with tf.xla.experimental.jit_scope() if cfg.xla else contextlib.nullcontext():
@@ -354,13 +338,61 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
             train_op, loss_scale, skipped = _minimize(
                 optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE), global_step,
                 loss_scaling=(precision == "fp16"))
-    return _train_tensors(t, total_loss, lr, train_op, global_step, batch_index, data_images,
-                          data_labels, images_var, labels_var, order, permutation, loss_scale,
-                          skipped, step_loss=t.loss, step_accuracy=t.accuracy)
+    return _train_tensors(t, total_loss, lr, train_op, global_step, inp, loss_scale, skipped,
+                          step_loss=t.loss, step_accuracy=t.accuracy)
 
 
-def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, batch_index,
-                   data_images, data_labels, images_var, labels_var, order, permutation,
+@dataclasses.dataclass
+class _TrainInput:
+    """The in-graph training set and this process's share of one global batch."""
+
+    data_images: tf.Tensor      # uint8 [n, 32, 32, 3] placeholder, fed once per run
+    data_labels: tf.Tensor
+    images_var: tf1.Variable    # local variables holding the training set
+    labels_var: tf1.Variable
+    order: tf1.Variable         # this epoch's permutation of 0..n-1
+    permutation: tf.Tensor      # placeholder that sets ``order``
+    batch_index: tf.Tensor      # which global batch of the epoch
+    batch_images: tf.Tensor     # this process's rows of it, augmented if asked
+    batch_labels: tf.Tensor
+
+
+def _training_input(cfg: TrainConfig, num_train: int, global_step, *, rank: int = 0,
+                    per_process: Optional[int] = None) -> _TrainInput:
+    """The training set as local variables and batch ``batch_index`` drawn from it.
+
+    Process ``rank`` takes rows ``rank*per_process`` onwards of each global batch
+    (all of it in a single process); augmentation is drawn for the global batch.
+    """
+    per_process = per_process or cfg.batch_size
+    with tf1.variable_scope("input"):
+        data_images = tf1.placeholder(tf.uint8, [num_train, 32, 32, 3], name="data_images")
+        data_labels = tf1.placeholder(tf.int32, [num_train], name="data_labels")
+        local = [tf1.GraphKeys.LOCAL_VARIABLES]
+        images_var = tf1.Variable(data_images, trainable=False, collections=local,
+                                  name="train_images")
+        labels_var = tf1.Variable(data_labels, trainable=False, collections=local,
+                                  name="train_labels")
+        permutation = tf1.placeholder(tf.int32, [num_train], name="permutation")
+        order = tf1.Variable(tf.range(num_train, dtype=tf.int32), trainable=False,
+                             collections=local, name="order")
+        batch_index = tf1.placeholder_with_default(0, [], name="batch_index")
+        start = batch_index * cfg.batch_size
+        if rank:
+            start += rank * per_process
+        idx = order[start:start + per_process]
+        batch_images = tf.gather(images_var, idx)
+        batch_labels = tf.gather(labels_var, idx)
+        if cfg.augment:
+            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(global_step, tf.int64)])
+            sharded = per_process != cfg.batch_size
+            batch_images = augment(batch_images, seed, offset=rank * per_process,
+                                   total=cfg.batch_size if sharded else None)
+    return _TrainInput(data_images, data_labels, images_var, labels_var, order, permutation,
+                       batch_index, batch_images, batch_labels)
+
+
+def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, inp: _TrainInput,
                    loss_scale, skipped, *, step_loss, step_accuracy) -> TrainTensors:
     """The epoch counters and the :class:`TrainTensors` of a built training graph."""
     epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
@@ -379,10 +411,11 @@ def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, batch
         epoch_placeholder=epoch_placeholder, epoch_progress=epoch_progress,
         progress_placeholder=progress_placeholder,
         set_epoch_progress=epoch_progress.assign(progress_placeholder).op,
-        batch_index=batch_index,
-        data_images=data_images, data_labels=data_labels,
-        load_data=tf.group(images_var.initializer, labels_var.initializer, order.initializer),
-        permutation=permutation, set_permutation=order.assign(permutation).op,
+        batch_index=inp.batch_index,
+        data_images=inp.data_images, data_labels=inp.data_labels,
+        load_data=tf.group(inp.images_var.initializer, inp.labels_var.initializer,
+                           inp.order.initializer),
+        permutation=inp.permutation, set_permutation=inp.order.assign(inp.permutation).op,
         loss_scale=loss_scale, skipped_steps=skipped,
         step_loss=step_loss, step_accuracy=step_accuracy)
 
@@ -424,26 +457,9 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
     tf1.set_random_seed(cfg.seed)
     with tf.device(device_prefix or None):
         global_step = tf1.train.get_or_create_global_step()
-    with tf.device(device_prefix + variables_device), tf1.variable_scope("input"):
-        data_images = tf1.placeholder(tf.uint8, [num_train, 32, 32, 3], name="data_images")
-        data_labels = tf1.placeholder(tf.int32, [num_train], name="data_labels")
-        local = [tf1.GraphKeys.LOCAL_VARIABLES]
-        images_var = tf1.Variable(data_images, trainable=False, collections=local,
-                                  name="train_images")
-        labels_var = tf1.Variable(data_labels, trainable=False, collections=local,
-                                  name="train_labels")
-        permutation = tf1.placeholder(tf.int32, [num_train], name="permutation")
-        order = tf1.Variable(tf.range(num_train, dtype=tf.int32), trainable=False,
-                             collections=local, name="order")
-        batch_index = tf1.placeholder_with_default(0, [], name="batch_index")
-        start = batch_index * cfg.batch_size + rank * per_process
-        idx = order[start:start + per_process]
-        batch_images = tf.gather(images_var, idx)
-        batch_labels = tf.gather(labels_var, idx)
-        if cfg.augment:
-            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(global_step, tf.int64)])
-            batch_images = augment(batch_images, seed, offset=rank * per_process,
-                                   total=cfg.batch_size)
+    with tf.device(device_prefix + variables_device):
+        inp = _training_input(cfg, num_train, global_step, rank=rank, per_process=per_process)
+    batch_images, batch_labels = inp.batch_images, inp.batch_labels
     places = [_place(device_prefix, f"/device:{device_type}:{i}", variables_device)
               for i in range(devices)]
     towers, losses, training = [], [], None
@@ -503,10 +519,8 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
             if reduced["extra"]:
                 train_op = tf.group(train_op, *reduced["extra"])
     with tf.device(device_prefix or None):
-        return _train_tensors(t, losses[0], lr, train_op, global_step, batch_index, data_images,
-                              data_labels, images_var, labels_var, order, permutation,
-                              loss_scale, skipped, step_loss=reduced["loss"],
-                              step_accuracy=reduced["accuracy"])
+        return _train_tensors(t, losses[0], lr, train_op, global_step, inp, loss_scale, skipped,
+                              step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])
 
 
 def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",

@@ -115,18 +115,22 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with checkpoint.run_lock(self.run_dir), self._stop_on_signals():
             try:
-                self.before_train()
-                for epoch in range(self.start_epoch, self.cfg.epochs + 1):
-                    self.before_epoch(epoch)
-                    row = self.run_epoch(epoch)
-                    self.after_epoch(epoch, row)
-                self.after_train()
+                self.train_epochs()
             finally:
                 if self.summaries is not None:
                     self.summaries.close()
                 if self.sess is not None:
                     self.sess.close()
         return self.result
+
+    def train_epochs(self) -> None:
+        """The lifecycle proper: before_train, each remaining epoch, after_train."""
+        self.before_train()
+        for epoch in range(self.start_epoch, self.cfg.epochs + 1):
+            self.before_epoch(epoch)
+            row = self.run_epoch(epoch)
+            self.after_epoch(epoch, row)
+        self.after_train()
 
     def request_stop(self, signal_number: int = signal.SIGINT) -> None:
         """Stop after the current step, write a checkpoint, raise TrainingInterrupted."""
