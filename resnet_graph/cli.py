@@ -35,7 +35,12 @@ DEPTH = click.option("--depth", type=int, default=32, show_default=True, callbac
                      help="Total weighted layers, 6n+2.")
 PRECISION = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
                          default="auto", show_default=True,
-                         help="Compute precision; weights stay float32.")
+                         help="Compute precision; weights stay float32. auto: fp16 on a GPU, "
+                              "bf16 on a CPU with bf16 units, else fp32.")
+EVAL_PRECISION = click.option(
+    "--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+    show_default=True, help="Compute precision; auto: the one the run trained in (fp32 for an "
+    "fp16 run without a GPU). export always writes fp32.")
 DATA_FORMAT = click.option("--data-format", type=click.Choice(["auto", "NHWC", "NCHW"]),
                            default="auto", show_default=True, help="Graph layout.")
 XLA = click.option("--xla/--no-xla", default=False, show_default=True,
@@ -110,7 +115,7 @@ def cli(verbose):
 RECIPE = click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="seed",
                       show_default=True,
                       help="Named set of options: seed (the write-up), he2016 (the paper) or "
-                           "fast (about an hour on a CPU with --precision bf16).")
+                           "fast (about an hour on a CPU with bf16 units).")
 OUT = click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
                    default=DEFAULT_OUT, show_default=True, help="Root folder for run folders.")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
@@ -294,16 +299,17 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
 @click.option("--batch-size", type=int, default=500, show_default=True, callback=_positive)
 @click.option("--best", is_flag=True,
               help="Evaluate the checkpoint with the best validation accuracy, not the latest.")
+@EVAL_PRECISION
 @DATA_DIR
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Also write confusion.png and examples.png (predicted vs true) here.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def eval_cmd(run_dir, split, batch_size, best, data_dir, plot_dir, as_json):
+def eval_cmd(run_dir, split, batch_size, best, precision, data_dir, plot_dir, as_json):
     """Evaluate the latest (or --best) checkpoint of a run on the test or validation split."""
     from .evaluate import evaluate_run
     from .data import CLASS_NAMES
     m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir, best=best,
-                     plot_dir=plot_dir)
+                     plot_dir=plot_dir, precision=precision)
     if as_json:
         click.echo(json.dumps(m.to_json()))
         return
@@ -419,15 +425,16 @@ def launch_local_cmd(workers, ps, grace, command):
 @click.option("--top", "top_k", type=click.IntRange(1, 10), default=3, show_default=True,
               help="Classes shown per image.")
 @click.option("--best", is_flag=True, help="Use the best-validation checkpoint.")
+@EVAL_PRECISION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def predict(run_dir, images, top_k, best, as_json):
+def predict(run_dir, images, top_k, best, precision, as_json):
     """Classify IMAGES (PNG/JPEG files of any size, or .npy batches of 32x32 RGB).
 
     Images are resized to 32x32 as a whole: box filter when shrinking, bicubic
     when enlarging (aspect ratio not kept).
     """
     from .serving import predict as run_predict
-    results = run_predict(run_dir, images, best=best)
+    results = run_predict(run_dir, images, best=best, precision=precision)
     if as_json:
         click.echo(json.dumps({"predictions": [r.to_json(top_k) for r in results]}))
         return

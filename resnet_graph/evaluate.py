@@ -82,8 +82,8 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
     """Rebuild the model of ``run_dir`` from its config.json in a new graph and
     session and restore its latest (with ``best``, best-validation) checkpoint.
 
-    Yields ``(session, tensors, front)``. ``precision`` defaults to the run's
-    (fp16 only where a GPU runs it). ``images_from()``, when given, returns
+    Yields ``(session, tensors, front)``. ``precision`` (None or ``auto``)
+    defaults to the run's (fp16 only where a GPU runs it). ``images_from()``, when given, returns
     ``(front, uint8_images)``: a front-end input whose uint8 images become the
     default of the ``images`` placeholder (``front`` is yielded).
     """
@@ -92,7 +92,8 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
     cfg = TrainConfig.from_dict(saved)
     prefix = checkpoint.require_latest(run_dir, best=best)
     norm = saved["normalization"]
-    precision = precision or eval_precision(saved.get("resolved_precision", "fp32"))
+    if precision in (None, "auto"):
+        precision = eval_precision(saved.get("resolved_precision", "fp32"))
     g = tf.Graph()
     with g.as_default():
         front = images = labels = None
@@ -109,10 +110,12 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
 
 
 def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
-                 data_dir=None, best: bool = False, plot_dir=None) -> Metrics:
+                 data_dir=None, best: bool = False, plot_dir=None,
+                 precision: str = "auto") -> Metrics:
     """Evaluate ``split`` with the latest (with ``best``, best-validation)
-    checkpoint of ``run_dir`` (see :func:`open_run`); with ``plot_dir``, also
-    draw the confusion matrix and example predictions there."""
+    checkpoint of ``run_dir`` (see :func:`open_run`) in ``precision`` (``auto``:
+    the run's); with ``plot_dir``, also draw the confusion matrix and example
+    predictions there."""
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
@@ -124,7 +127,7 @@ def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
     if len(chosen) == 0:
         raise DataError(f"run {run_dir.name} has no {split} split (valid-size 0); "
                         "use --split test")
-    with open_run(run_dir, best=best) as (sess, tensors, _):
+    with open_run(run_dir, best=best, precision=precision) as (sess, tensors, _):
         metrics = evaluate(sess, tensors, chosen, batch_size=batch_size, name=split,
                            keep_predictions=plot_dir is not None)
     if plot_dir is not None:

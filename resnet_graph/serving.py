@@ -96,10 +96,12 @@ def load_inputs(paths: Sequence) -> tuple:
     return np.concatenate(images), sources
 
 
-def predict(run_dir, paths: Sequence, *, best: bool = False, batch_size: int = 500) -> list:
-    """Class probabilities of every image in ``paths`` under the run's model."""
+def predict(run_dir, paths: Sequence, *, best: bool = False, batch_size: int = 500,
+            precision: str = "auto") -> list:
+    """Class probabilities of every image in ``paths`` under the run's model
+    (in ``precision``; ``auto``: the run's, see :func:`evaluate.open_run`)."""
     images, sources = load_inputs(paths)
-    with open_run(run_dir, best=best) as (sess, tensors, _):
+    with open_run(run_dir, best=best, precision=precision) as (sess, tensors, _):
         probs = [sess.run(tensors.probabilities, {tensors.images: images[i:i + batch_size]})
                  for i in range(0, len(images), batch_size)]
     return [Prediction(s, p) for s, p in zip(sources, np.concatenate(probs))]

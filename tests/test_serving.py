@@ -36,8 +36,8 @@ def run(tmp_path_factory):
     return root, root / "out" / "original-8", folder
 
 
-def model_probabilities(run_dir, images):
-    with open_run(run_dir) as (sess, t, _):
+def model_probabilities(run_dir, images, precision=None):
+    with open_run(run_dir, precision=precision) as (sess, t, _):
         return sess.run([t.logits, t.probabilities], {t.images: images})
 
 
@@ -60,6 +60,30 @@ def test_predict_ranks_classes_like_the_model(run, tmp_path):
                                    rtol=1e-5, atol=1e-6)
     text = invoke("predict", "--ckpt", run_dir, tmp_path / "five.png")
     assert text.exit_code == 0 and text.output.count(":") == 1 and len(text.output.split()) == 7
+
+
+def test_eval_and_predict_run_in_the_runs_precision_unless_told(run, tmp_path):
+    _, run_dir, _ = run
+    trained_in = json.loads((run_dir / "config.json").read_text())["resolved_precision"]
+
+    def loss(*precision):
+        result = invoke("eval", "--ckpt", run_dir, *precision, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["loss"]
+    by_name = {p: loss("--precision", p) for p in ("fp32", "bf16")}
+    assert loss() == by_name.get(trained_in, by_name["fp32"])
+    assert by_name["bf16"] != by_name["fp32"]           # two graphs really ran
+    assert by_name["bf16"] == pytest.approx(by_name["fp32"], rel=0.05)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "batch.npy", images)
+    result = invoke("predict", "--ckpt", run_dir, tmp_path / "batch.npy", "--precision", "fp32",
+                    "--json", "--top", "10")
+    assert result.exit_code == 0, result.output
+    _, probs = model_probabilities(run_dir, images, precision="fp32")
+    got = [{c["class"]: c["probability"] for c in p["top"]}
+           for p in json.loads(result.stdout)["predictions"]]
+    np.testing.assert_allclose([[g[name] for name in data.CLASS_NAMES] for g in got], probs,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_images_of_any_size_become_32x32_rgb(tmp_path):
@@ -97,7 +121,9 @@ def test_export_serves_the_same_logits_as_eval(run, tmp_path):
     result = invoke("export", "--ckpt", run_dir, "--out", tmp_path / "saved")
     assert result.exit_code == 0, result.output
     test = data.load_cifar10(folder, valid_size=50).test
-    logits, probs = model_probabilities(run_dir, test.images[:20])
+    # The SavedModel is float32 whatever the run trained in (bf16 where `auto`
+    # picks it): it equals eval in fp32.
+    logits, probs = model_probabilities(run_dir, test.images[:20], precision="fp32")
     loaded = tf.saved_model.load(str(tmp_path / "saved"))          # plain TF2, eager
     out = loaded.signatures["serving_default"](images=tf.constant(test.images[:20]))
     np.testing.assert_allclose(out["logits"].numpy(), logits, rtol=1e-5, atol=1e-5)
@@ -106,7 +132,8 @@ def test_export_serves_the_same_logits_as_eval(run, tmp_path):
     floats = loaded.signatures["serving_float"](images=tf.constant(test.images[:20], tf.float32))
     np.testing.assert_allclose(floats["logits"].numpy(), logits, rtol=1e-5, atol=1e-5)
     # eval's accuracy over the whole test split equals the SavedModel's.
-    evaluated = json.loads(invoke("eval", "--ckpt", run_dir, "--json").stdout)
+    evaluated = json.loads(invoke("eval", "--ckpt", run_dir, "--precision", "fp32",
+                                  "--json").stdout)
     served = loaded.signatures["serving_default"](images=tf.constant(test.images))
     accuracy = float(np.mean(served["classes"].numpy() == test.labels))
     assert accuracy == pytest.approx(evaluated["accuracy"])
