@@ -14,7 +14,7 @@ import pathlib
 
 import click
 
-from .config import MODEL_ALIASES, RECIPES, check_depth
+from .config import MODEL_ALIASES, PRECISIONS, RECIPES, check_depth
 from .errors import TrainingInterrupted, UserError
 
 DEFAULT_OUT = "checkpoints"
@@ -33,12 +33,12 @@ def _depth(ctx, param, value):
 MODEL = click.argument("model", type=click.Choice(sorted(MODEL_ALIASES), case_sensitive=False))
 DEPTH = click.option("--depth", type=int, default=32, show_default=True, callback=_depth,
                      help="Total weighted layers, 6n+2.")
-PRECISION = click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+PRECISION = click.option("--precision", type=click.Choice(PRECISIONS),
                          default="auto", show_default=True,
                          help="Compute precision; weights stay float32. auto: fp16 on a GPU, "
                               "bf16 on a CPU with bf16 units, else fp32.")
 EVAL_PRECISION = click.option(
-    "--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+    "--precision", type=click.Choice(PRECISIONS), default="auto",
     show_default=True, help="Compute precision; auto: the one the run trained in (fp32 for an "
     "fp16 run without a GPU). export always writes fp32.")
 DATA_FORMAT = click.option("--data-format", type=click.Choice(["auto", "NHWC", "NCHW"]),

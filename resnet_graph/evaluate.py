@@ -83,8 +83,8 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
     session and restore its latest (with ``best``, best-validation) checkpoint.
 
     Yields ``(session, tensors, front)``. ``precision`` (None or ``auto``)
-    defaults to the run's (fp16 only where a GPU runs it). ``images_from()``, when given, returns
-    ``(front, uint8_images)``: a front-end input whose uint8 images become the
+    defaults to the run's (fp16 only where a GPU runs it). ``images_from()``,
+    when given, returns ``(front, uint8_images)``: a front-end input whose uint8 images become the
     default of the ``images`` placeholder (``front`` is yielded).
     """
     run_dir = pathlib.Path(run_dir)
