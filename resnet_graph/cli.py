@@ -303,17 +303,21 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
 @DATA_DIR
 @click.option("--plot", "plot_dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Also write confusion.png and examples.png (predicted vs true) here.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Test-time augmentation: flip averages the softmax of each image and its "
+                   "left-right mirror (twice the evaluation work).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def eval_cmd(run_dir, split, batch_size, best, precision, data_dir, plot_dir, as_json):
+def eval_cmd(run_dir, split, batch_size, best, precision, data_dir, plot_dir, tta, as_json):
     """Evaluate the latest (or --best) checkpoint of a run on the test or validation split."""
     from .evaluate import evaluate_run
     from .data import CLASS_NAMES
     m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir, best=best,
-                     plot_dir=plot_dir, precision=precision)
+                     plot_dir=plot_dir, precision=precision, flip=tta == "flip")
     if as_json:
         click.echo(json.dumps(m.to_json()))
         return
-    click.echo(f"{split}: {m.examples} images  loss {m.loss:.4f}  accuracy {m.accuracy:.4f}")
+    extra = "  (flip-averaged)" if m.tta == "flip" else ""
+    click.echo(f"{split}: {m.examples} images  loss {m.loss:.4f}  accuracy {m.accuracy:.4f}{extra}")
     for name, acc in zip(CLASS_NAMES, m.per_class_accuracy):
         click.echo(f"  {name:<12}{acc:.4f}")
 

@@ -3,6 +3,10 @@
 Sums per-image losses and hits over batches, so the result does not depend on
 the batch size (batch norm uses its moving averages here, so an image's
 output does not depend on its batch either).
+
+With ``flip`` (test-time augmentation), each image is classified as itself and
+mirrored left-right, the two softmax outputs are averaged, and the loss is the
+cross-entropy of that average.
 """
 
 import contextlib
@@ -31,6 +35,7 @@ class Metrics:
     accuracy: float
     confusion: np.ndarray   # [10, 10] int64, rows = true class
     predictions: Optional[np.ndarray] = None   # int32 [examples], when asked for
+    tta: str = "none"                          # test-time augmentation: none or flip
 
     @property
     def per_class_accuracy(self):
@@ -41,13 +46,23 @@ class Metrics:
     def to_json(self) -> dict:
         return {"split": self.split, "examples": self.examples, "loss": self.loss,
                 "accuracy": self.accuracy, "per_class_accuracy": self.per_class_accuracy,
-                "confusion": self.confusion.tolist()}
+                "confusion": self.confusion.tolist(), "tta": self.tta}
+
+
+def _flip_averaged(sess, tensors, images, labels):
+    """Per-image loss and prediction from the mean softmax of the images and their mirrors."""
+    probs = [sess.run(tensors.probabilities, {tensors.images: batch, tensors.training: False})
+             for batch in (images, images[:, :, ::-1, :])]
+    mean = (probs[0].astype(np.float64) + probs[1]) / 2
+    losses = -np.log(np.maximum(mean[np.arange(len(labels)), labels], np.finfo(np.float64).tiny))
+    return losses, np.argmax(mean, axis=1).astype(np.int32)
 
 
 def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: str = "",
-             keep_predictions: bool = False) -> Metrics:
+             keep_predictions: bool = False, flip: bool = False) -> Metrics:
     """Loss, accuracy and confusion matrix of the model in ``tensors`` on ``split``
-    (with ``keep_predictions``, also every image's predicted class)."""
+    (with ``keep_predictions``, also every image's predicted class; with
+    ``flip``, averaged over each image and its mirror image)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     total_loss = 0.0
@@ -56,9 +71,12 @@ def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: s
     for start in range(0, len(split), batch_size):
         images = split.images[start:start + batch_size]
         labels = split.labels[start:start + batch_size]
-        losses, predictions = sess.run(
-            [tensors.example_loss, tensors.predictions],
-            {tensors.images: images, tensors.labels: labels, tensors.training: False})
+        if flip:
+            losses, predictions = _flip_averaged(sess, tensors, images, labels)
+        else:
+            losses, predictions = sess.run(
+                [tensors.example_loss, tensors.predictions],
+                {tensors.images: images, tensors.labels: labels, tensors.training: False})
         total_loss += float(np.sum(losses, dtype=np.float64))
         np.add.at(confusion, (labels, predictions), 1)
         if keep_predictions:
@@ -67,7 +85,8 @@ def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: s
     hits = int(np.trace(confusion))
     return Metrics(split=name, examples=n, loss=total_loss / n if n else float("nan"),
                    accuracy=hits / n if n else float("nan"), confusion=confusion,
-                   predictions=np.concatenate(kept) if kept else None)
+                   predictions=np.concatenate(kept) if kept else None,
+                   tta="flip" if flip else "none")
 
 
 def eval_precision(saved: str) -> str:
@@ -111,11 +130,11 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
 
 def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
                  data_dir=None, best: bool = False, plot_dir=None,
-                 precision: str = "auto") -> Metrics:
+                 precision: str = "auto", flip: bool = False) -> Metrics:
     """Evaluate ``split`` with the latest (with ``best``, best-validation)
     checkpoint of ``run_dir`` (see :func:`open_run`) in ``precision`` (``auto``:
-    the run's); with ``plot_dir``, also draw the confusion matrix and example
-    predictions there."""
+    the run's), with ``flip`` averaged over each image and its mirror; with
+    ``plot_dir``, also draw the confusion matrix and example predictions there."""
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
@@ -129,7 +148,7 @@ def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
                         "use --split test")
     with open_run(run_dir, best=best, precision=precision) as (sess, tensors, _):
         metrics = evaluate(sess, tensors, chosen, batch_size=batch_size, name=split,
-                           keep_predictions=plot_dir is not None)
+                           keep_predictions=plot_dir is not None, flip=flip)
     if plot_dir is not None:
         from .plotting import plot_evaluation
         plot_evaluation(metrics.confusion, chosen.images, chosen.labels, metrics.predictions,

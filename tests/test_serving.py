@@ -86,6 +86,26 @@ def test_eval_and_predict_run_in_the_runs_precision_unless_told(run, tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_eval_flip_averages_each_image_with_its_mirror(run):
+    _, run_dir, folder = run
+    test = data.load_cifar10(folder, valid_size=50).test
+    plain, flipped = (json.loads(invoke("eval", "--ckpt", run_dir, "--batch-size", 33, "--json",
+                                        *tta).stdout) for tta in ([], ["--tta", "flip"]))
+    assert (plain["tta"], flipped["tta"]) == ("none", "flip")
+    _, probs = model_probabilities(run_dir, test.images)
+    _, mirrored = model_probabilities(run_dir, test.images[:, :, ::-1, :])
+    assert not np.allclose(probs, mirrored)          # the mirror really is another input
+    mean = (probs.astype(np.float64) + mirrored) / 2
+    hits = np.argmax(mean, axis=1) == test.labels
+    assert flipped["accuracy"] == pytest.approx(hits.mean())
+    assert flipped["loss"] == pytest.approx(
+        -np.log(mean[np.arange(len(test.labels)), test.labels]).mean(), rel=1e-5)
+    assert plain["accuracy"] == pytest.approx((np.argmax(probs, 1) == test.labels).mean())
+    assert sum(map(sum, flipped["confusion"])) == len(test.labels)
+    text = invoke("eval", "--ckpt", run_dir, "--tta", "flip")
+    assert text.exit_code == 0 and "flip-averaged" in text.output.splitlines()[0]
+
+
 def test_images_of_any_size_become_32x32_rgb(tmp_path):
     big = np.zeros((64, 96, 3), np.uint8)
     big[:, :48] = 200            # left half bright: a box filter keeps exact halves
