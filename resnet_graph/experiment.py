@@ -50,7 +50,8 @@ def plan(base: TrainConfig, models: Sequence[str], seeds: Sequence[int]) -> list
 
 
 def run_state(out: pathlib.Path, cfg: TrainConfig) -> str:
-    """``new``, ``partial``, ``finished`` or ``failed`` for run ``cfg.name`` in ``out``."""
+    """``new``, ``partial``, ``finished``, ``failed`` or ``lost`` (unfinished in the
+    history, but its run folder with the checkpoints is gone) for run ``cfg.name``."""
     path = out / HISTORY_FILE
     started = (out / cfg.name / "config.json").is_file()
     if not path.exists() or not history.has_run(path, cfg.name):
@@ -60,7 +61,7 @@ def run_state(out: pathlib.Path, cfg: TrainConfig) -> str:
         return "failed"
     if "test_acc" in run.attrs and run.epochs >= cfg.epochs:
         return "finished"
-    return "partial"
+    return "partial" if started else "lost"
 
 
 def check_same_setup(out: pathlib.Path, cfg: TrainConfig) -> None:
@@ -90,6 +91,10 @@ def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet:
         if state == "partial":
             check_same_setup(out, cfg)
             log(f"{where}: continuing from its latest checkpoint")
+        elif state == "lost":
+            history.remove_run(out / HISTORY_FILE, cfg.name)
+            log(f"{where}: unfinished and its run folder is gone; training it again from "
+                f"the start ({cfg.epochs} epochs)")
         else:
             log(f"{where}: training {cfg.epochs} epochs ({cfg.recipe} recipe)")
         try:

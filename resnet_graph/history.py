@@ -252,6 +252,18 @@ def truncate(path, run, last_epoch: int) -> None:
     _modify(path, mutate, create=False)
 
 
+def remove_run(path, run) -> None:
+    """Delete run ``run`` and its rows from the history file (atomically, like every change)."""
+    name = validate_run_name(run)
+    path = Path(path)
+
+    def mutate(f: h5py.File) -> None:
+        _run_group(f, name, path)
+        del f[name]
+
+    _modify(path, mutate, create=False)
+
+
 def read_run(path, run) -> Run:
     """Read one run; HistoryError if the file or the run is missing or damaged."""
     return read_history(path, [run])[0]

@@ -1,6 +1,7 @@
 """`resnet-graph experiment`: several runs into one history, a report, resume after a stop."""
 
 import json
+import shutil
 import signal
 
 import numpy as np
@@ -113,6 +114,44 @@ def test_an_interrupted_experiment_continues_where_it_stopped(tiny_data_dir, tmp
     assert list(run.columns["epoch"]) == [1, 2] and "test_acc" in run.attrs
     assert history.read_run(out / "histories.h5", "original-8-s0").attrs["test_acc"] == first
     assert [r["status"] for r in report["runs"]] == ["finished", "finished"]
+
+
+def test_an_unfinished_run_whose_folder_is_gone_starts_again(tiny_data_dir, tmp_path,
+                                                             monkeypatch):
+    # As when only histories.h5 was kept (e.g. copied to another machine) mid-run.
+    out = tmp_path / "exp"
+    base = make_config("original", "fast", depth=8, epochs=2, batch_size=50, valid_size=50)
+    configs = experiment.plan(base, ["preact"], [0])
+
+    def stop_in_epoch_2(self, epoch, step):
+        if (epoch, step) == (2, 1):
+            self.request_stop(signal.SIGTERM)
+
+    monkeypatch.setattr(train.Trainer, "after_step", stop_in_epoch_2)
+    with pytest.raises(TrainingInterrupted):
+        experiment.run_experiment(configs, out, data_dir=tiny_data_dir, quiet=True,
+                                  log=lambda s: None)
+    monkeypatch.undo()
+    assert history.read_run(out / "histories.h5", "preact-8-s0").epochs == 1
+    shutil.rmtree(out / "preact-8-s0")
+    assert experiment.run_state(out, configs[0]) == "lost"
+    lines = []
+    report = experiment.run_experiment(configs, out, data_dir=tiny_data_dir, quiet=True,
+                                       log=lines.append)
+    assert "run folder is gone; training it again" in lines[0]
+    run = history.read_run(out / "histories.h5", "preact-8-s0")
+    assert list(run.columns["epoch"]) == [1, 2] and "test_acc" in run.attrs
+    assert [r["status"] for r in report["runs"]] == ["finished"]
+
+
+def test_remove_run_deletes_one_run_and_keeps_the_others(tmp_path):
+    path = tmp_path / "h.h5"
+    for name in ("a", "b"):
+        history.create_run(path, name, config={"model": name})
+    history.remove_run(path, "a")
+    assert history.run_names(path) == ["b"]
+    with pytest.raises(history.HistoryError, match="run a not in"):
+        history.remove_run(path, "a")
 
 
 def test_a_failed_run_is_reported_and_the_rest_go_on(tiny_data_dir, tmp_path):
