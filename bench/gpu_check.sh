@@ -3,17 +3,19 @@
 #   1. nvidia-smi -L, and a clear failure when TensorFlow sees no GPU;
 #   2. `resnet-graph bench original` (ResNet-32, batch 128, 20 warm-up + 100 timed steps)
 #      for fp32/fp16 x NHWC/NCHW x no XLA/XLA: a markdown table of images/s;
-#   3. 3-epoch trainings, fp16 and fp32, on the shared CIFAR-10 and each epoch's
+#   3. 3-epoch trainings, fp16 and fp32, on CIFAR-10 ($RESNET_GRAPH_DATA_DIR) and each epoch's
 #      validation accuracy (and the test accuracy) read back from the HDF5 history.
 # Meant to finish in under 5 minutes.
 #
-#   bash bench/gpu_check.sh                      # from anywhere; runs from the repository root
+#   RESNET_GRAPH_DATA_DIR=/path/to/cifar-10-batches-bin bash bench/gpu_check.sh
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh  # print each command instead of running it
+# It runs from the repository root wherever it is started, so give RESNET_GRAPH_DATA_DIR as an
+# absolute path (a relative one is read from the repository root).
 #
 # Environment: PYTHON (default: .venv/bin/python if present, else python3), RESNET_GRAPH
-# (default: resnet-graph next to $PYTHON, else on PATH), RESNET_GRAPH_DATA_DIR (default
-# ../shared/data/cifar-10-batches-bin), GPU_CHECK_OUT (folder for the runs; default a new
-# temporary folder, kept and printed at the end).
+# (default: resnet-graph next to $PYTHON, else on PATH), RESNET_GRAPH_DATA_DIR (required: the
+# folder with the CIFAR-10 binary files; no download is attempted), GPU_CHECK_OUT (folder for
+# the runs; default a new temporary folder, kept and printed at the end).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,7 +33,15 @@ if [[ -z "${RESNET_GRAPH:-}" ]]; then
     RESNET_GRAPH=resnet-graph
   fi
 fi
-DATA_DIR="${RESNET_GRAPH_DATA_DIR:-../shared/data/cifar-10-batches-bin}"
+DATA_DIR="${RESNET_GRAPH_DATA_DIR:-}"
+if [[ -z "$DATA_DIR" ]]; then
+  if [[ -z "$DRY" ]]; then
+    printf 'gpu_check: set RESNET_GRAPH_DATA_DIR to the folder with the CIFAR-10 binary files, e.g.\n' >&2
+    printf '  RESNET_GRAPH_DATA_DIR=/path/to/cifar-10-batches-bin bash bench/gpu_check.sh\n' >&2
+    exit 1
+  fi
+  DATA_DIR='$RESNET_GRAPH_DATA_DIR'   # a dry run only prints the commands
+fi
 OUT="${GPU_CHECK_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")}"
 mkdir -p "$OUT"
 BENCH_LINES="$OUT/bench.tsv"
