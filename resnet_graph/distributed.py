@@ -11,7 +11,7 @@ rows ``rank * b:(rank + 1) * b`` (b = global batch / workers) of every global
 batch of ``train.epoch_order``, so the workers read disjoint shards of each
 epoch and together exactly the batches of a single-process run. A step
 packs the (tower-averaged) gradients, the loss and accuracy, the batch-norm
-moving statistics and a stop flag into one vector, averages it over all
+statistics deltas and a stop flag into one vector, averages it over all
 processes with one ``CollectiveReduceV2`` (TensorFlow's collective runtime,
 ring all-reduce over gRPC, with a timeout), and applies the average; every
 replica applies the same update to the same weights, so the model stays
@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Tuple
 import tensorflow as tf
 
 from .errors import TrainingInterrupted, UserError
-from .graph import MODEL_SCOPE, build_train_graph, session_config
+from .graph import build_train_graph, session_config
 from .train import Trainer, TrainingError
 
 tf1 = tf.compat.v1
@@ -185,10 +185,11 @@ def _split(packed, shapes):
 class StepReducer:
     """The ``reduce`` of :func:`graph.build_train_graph` for ``workers`` processes.
 
-    One all-reduce per step averages the gradients, the metrics, the batch-norm
-    moving statistics (read after this step's local update, so the average is
-    the moving average of every process's tower-0 batch statistics) and the
-    stop flags (any flag set gives a positive ``stop``).
+    One all-reduce per step averages the gradients and the batch-norm statistics
+    deltas (``values``: every process applies the averaged delta to the same
+    moving statistics, so they stay equal everywhere and are the moving average
+    of every process's tower-0 batch statistics), the metrics and the stop
+    flags (any flag set gives a positive ``stop``).
     """
 
     def __init__(self, workers: int, timeout: float):
@@ -197,20 +198,16 @@ class StepReducer:
         self.stop_request = tf1.placeholder_with_default(0.0, [], name="stop_request")
         self.stop = None
 
-    def __call__(self, grads, metrics):
-        stats = tf1.get_collection(tf1.GraphKeys.MOVING_AVERAGE_VARIABLES, scope=MODEL_SCOPE)
+    def __call__(self, values, metrics):
         names = sorted(metrics)
-        values = ([tf.convert_to_tensor(g) for g in grads] + [metrics[k] for k in names]
-                  + [v.read_value() for v in stats] + [self.stop_request])
-        packed = tf.concat([_flat(v, tf.float32) for v in values], 0)
+        values = [tf.convert_to_tensor(v) for v in values]
+        tensors = values + [metrics[k] for k in names] + [self.stop_request]
+        packed = tf.concat([_flat(v, tf.float32) for v in tensors], 0)
         mean = _all_reduce(packed, self.workers, STEP_KEY, "Div", self.timeout)
-        parts = _split(mean, [v.shape for v in values])
-        n = len(grads)
-        new_grads = parts[:n]
-        new_metrics = dict(zip(names, parts[n:n + len(names)]))
-        updates = [v.assign(p) for v, p in zip(stats, parts[n + len(names):-1])]
+        parts = _split(mean, [v.shape for v in tensors])
+        n = len(values)
         self.stop = parts[-1]
-        return new_grads, new_metrics, updates
+        return parts[:n], dict(zip(names, parts[n:n + len(names)]))
 
 
 def config_fingerprint(cfg) -> int:
@@ -350,11 +347,7 @@ class DistributedTrainer(Trainer):
             raise UserError("the tasks were started with different training options (their "
                             "configurations differ); start every task with the same options")
         if not c.is_chief:
-            done, step, progress = self.sess.run(
-                [self.t.epochs_done, self.t.global_step, self.t.epoch_progress])
-            self.start_epoch = int(done) + 1
-            self.start_step = int(step) - int(done) * self.steps_per_epoch
-            self.progress = tuple(float(v) for v in progress)
+            self.restore_position()   # the chief's, just broadcast
         self.log(f"{c.name}: in sync with {c.workers - 1} other task(s); starting at epoch "
                  f"{self.start_epoch} step {self.start_step}")
 

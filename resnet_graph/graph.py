@@ -21,7 +21,17 @@ name                          what
 ``correct:0``                 float32 [N], 1 where the prediction is right
 ``accuracy:0``                mean of ``correct``
 ``learning_rate:0``           the rate of the current step
+``steps_taken:0``             (fp16) training steps taken, applied or skipped
 ============================  ==================================================
+
+Steps and positions: ``global_step`` counts the updates that were applied.
+With fp16 loss scaling a step whose gradients overflow is skipped (nothing
+is applied, ``global_step`` stays), so the position in the epoch, the
+learning-rate schedule and the augmentation seed come from the number of
+steps *taken*: ``global_step + loss_scaling/skipped_steps`` (``steps_taken``;
+without loss scaling it is ``global_step`` itself). A run resumed after any
+number of skips continues with the batch, the rate and the augmentation an
+uninterrupted run would have used.
 
 Training data lives in the graph as local (never checkpointed) variables,
 loaded once per run: a step only feeds the index of its batch, and the batch,
@@ -44,9 +54,10 @@ tf1 = tf.compat.v1
 MODEL_SCOPE = "model"
 COMPUTE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
 # Dynamic loss scaling (fp16): start high, halve on overflow, double after
-# this many finite steps in a row. The values are the usual ones (Micikevicius
-# et al. 2018; TensorFlow's DynamicLossScale).
+# this many finite steps in a row, never above the cap. The values are the
+# usual ones (Micikevicius et al. 2018; TensorFlow's DynamicLossScale).
 INITIAL_LOSS_SCALE = 2.0 ** 15
+MAX_LOSS_SCALE = 2.0 ** 24
 LOSS_SCALE_GROWTH_STEPS = 2000
 
 
@@ -180,7 +191,9 @@ class TrainTensors(ModelTensors):
     step_loss: tf.Tensor = None        # loss/accuracy of the whole global batch of a step
     step_accuracy: tf.Tensor = None    # (= loss/accuracy with one device and one process)
     train_op: tf.Operation = None
-    global_step: tf.Variable = None
+    global_step: tf.Variable = None    # updates applied
+    steps_taken: tf.Tensor = None      # steps taken, applied or skipped (= global_step
+    #                                    without loss scaling): the position in the run
     epochs_done: tf.Variable = None
     set_epochs_done: tf.Operation = None
     epoch_placeholder: tf.Tensor = None
@@ -255,48 +268,96 @@ def training_loss(cfg: TrainConfig, t: "ModelTensors"):
                           name="smoothed_loss")
 
 
-def _minimize(optimizer, loss, var_list, global_step, loss_scaling, gradients=None):
-    """Gradients and update; with ``loss_scaling``, dynamic loss scaling.
+@dataclasses.dataclass
+class LossScaling:
+    """The checkpointed state of dynamic loss scaling (fp16)."""
 
-    ``gradients(scale)``, when given, replaces ``tf.gradients(loss * scale)
-    / scale`` (``scale`` is None without loss scaling): several towers and
-    processes average their gradients in it (see :func:`build_train_graph`).
+    scale: tf1.Variable          # float32: the loss is multiplied by it
+    good_steps: tf1.Variable     # int64: finite steps since the scale last changed
+    skipped_steps: tf1.Variable  # int64: steps skipped for non-finite gradients, ever
 
-    Returns (train_op, loss_scale or None, skipped_steps or None). With loss
-    scaling the loss is multiplied by ``loss_scale`` before differentiation and
-    the gradients divided by it; a step whose gradients hold inf/NaN is skipped
-    (no variable, slot or step counter changes) and halves the scale, and
-    ``LOSS_SCALE_GROWTH_STEPS`` finite steps in a row double it.
+
+def loss_scaling_state() -> LossScaling:
+    """Create the loss-scaling variables (scope ``loss_scaling``).
+
+    Why not TensorFlow's ``tf.compat.v1.mixed_precision.MixedPrecisionLossScaleOptimizer``
+    (which needs no Keras): its finiteness decision stays inside its
+    ``apply_gradients``, so the batch-norm statistics cannot be made to move on
+    applied steps only; it keeps no count of skipped steps, which the position
+    in the epoch needs (see the module docstring); its ``DynamicLossScale`` has
+    no upper bound; and both are deprecated v1 APIs. The rule below is theirs.
     """
-    if not loss_scaling:
-        grads = tf.gradients(loss, var_list) if gradients is None else gradients(None)
-        return optimizer.apply_gradients(zip(grads, var_list), global_step), None, None
     with tf1.variable_scope("loss_scaling"):
-        scale = tf1.get_variable("scale", [], tf.float32, tf1.constant_initializer(INITIAL_LOSS_SCALE),
-                                 trainable=False)
-        good = tf1.get_variable("good_steps", [], tf.int64, tf1.zeros_initializer(), trainable=False)
-        skipped = tf1.get_variable("skipped_steps", [], tf.int64, tf1.zeros_initializer(),
-                                   trainable=False)
-    if gradients is None:
-        scaled = tf.gradients(loss * scale, var_list)
-        grads = [g / scale for g in scaled]
-    else:
-        grads = gradients(scale)
-    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+        return LossScaling(
+            scale=tf1.get_variable("scale", [], tf.float32,
+                                   tf1.constant_initializer(INITIAL_LOSS_SCALE), trainable=False),
+            good_steps=tf1.get_variable("good_steps", [], tf.int64, tf1.zeros_initializer(),
+                                        trainable=False),
+            skipped_steps=tf1.get_variable("skipped_steps", [], tf.int64,
+                                           tf1.zeros_initializer(), trainable=False))
+
+
+def steps_taken(global_step, scaling: Optional[LossScaling]):
+    """Training steps taken so far, applied or skipped (see the module docstring)."""
+    if scaling is None:
+        return global_step     # no extra op: the graph of fp32/bf16 runs is unchanged
+    return tf.add(tf.cast(global_step, tf.int64), scaling.skipped_steps, name="steps_taken")
+
+
+def all_finite(tensors):
+    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in tensors]))
+
+
+def _minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScaling],
+              statistics, compute=None):
+    """Gradients, batch-norm statistics and the update; with ``scaling``, dynamic
+    loss scaling.
+
+    ``statistics`` are the pending moving-statistics updates (ops.StatisticUpdate)
+    of the batch norms whose statistics this step moves. ``compute(scale)``, when
+    given, returns ``(grads, deltas)`` in place of ``tf.gradients(loss * scale)
+    / scale`` and the statistics' own deltas (``scale`` is None without loss
+    scaling): several towers and processes average both in it (see
+    :func:`build_train_graph`).
+
+    Returns the train op. Its control inputs are the statistics' assignments in
+    UPDATE_OPS. With loss scaling the loss is multiplied by ``scale`` before
+    differentiation and the gradients divided by it; a step whose gradients or
+    statistics hold inf/NaN is skipped: no weight, slot, statistic or
+    ``global_step`` changes, ``skipped_steps`` grows and the scale halves
+    (not below 1); ``LOSS_SCALE_GROWTH_STEPS`` applied steps in a row double
+    it, up to ``MAX_LOSS_SCALE``.
+    """
+    if compute is None:
+        def compute(scale):
+            grads = tf.gradients(loss if scale is None else loss * scale, var_list)
+            if scale is not None:
+                grads = [g / scale for g in grads]
+            return grads, [u.delta for u in statistics]
+    if scaling is None:
+        grads, deltas = compute(None)
+        updates = ops.moving_statistics_updates(statistics, deltas)
+        with tf.control_dependencies(updates):
+            return optimizer.apply_gradients(zip(grads, var_list), global_step)
+    scale, good, skipped = scaling.scale, scaling.good_steps, scaling.skipped_steps
+    grads, deltas = compute(scale)
+    finite = all_finite(list(grads) + list(deltas))
+    updates = ops.moving_statistics_updates(statistics, deltas, gate=finite)
 
     def apply():
         update = optimizer.apply_gradients(zip(grads, var_list), global_step)
         with tf.control_dependencies([update]):
             grow = good + 1 >= LOSS_SCALE_GROWTH_STEPS
             return tf.group(
-                scale.assign(tf.where(grow, scale * 2.0, scale)),
+                scale.assign(tf.where(grow, tf.minimum(scale * 2.0, MAX_LOSS_SCALE), scale)),
                 good.assign(tf.where(grow, tf.zeros_like(good), good + 1)))
 
     def skip():
         return tf.group(scale.assign(tf.maximum(scale / 2.0, 1.0)),
                         good.assign(tf.zeros_like(good)), skipped.assign_add(1))
 
-    return tf.cond(finite, apply, skip), scale, skipped
+    with tf.control_dependencies(updates):
+        return tf.cond(finite, apply, skip)
 
 
 def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
@@ -314,9 +375,10 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         global batch ``cfg.batch_size`` is split evenly between them.
       shard: (rank, workers): this process takes rows ``rank * b:(rank + 1) * b``
         (b = batch_size / workers) of every global batch (docs/distributed.md).
-      reduce: ``reduce(grads, metrics) -> (grads, metrics, ops)`` averages the
-        gradients and the ``loss``/``accuracy`` metrics across processes; the
-        returned ops join the train op (see resnet_graph.distributed).
+      reduce: ``reduce(values, metrics) -> (values, metrics)`` averages the
+        gradients and batch-norm statistics deltas (``values``) and the
+        ``loss``/``accuracy`` metrics across processes (see
+        resnet_graph.distributed).
       device_prefix: ``/job:<job>/replica:0/task:<i>`` of this process, or "".
 
     With one device, one process and no ``reduce`` the graph is the plain
@@ -329,7 +391,9 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                                        reduce=reduce, device_prefix=device_prefix)
     tf1.set_random_seed(cfg.seed)
     global_step = tf1.train.get_or_create_global_step()
-    inp = _training_input(cfg, num_train, global_step)
+    scaling = loss_scaling_state() if precision == "fp16" else None
+    steps = steps_taken(global_step, scaling)
+    inp = _training_input(cfg, num_train, steps)
     batch_images, batch_labels = inp.batch_images, inp.batch_labels
     # --xla: compile the model, its gradients and the update (jit_scope marks
     # every op created inside; it works on CPUs and GPUs alike).
@@ -337,14 +401,12 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         t = attach_model(cfg, mean, std, images=batch_images, labels=batch_labels,
                          precision=precision, data_format=data_format)
         total_loss = tf.add(training_loss(cfg, t), weight_decay_loss(cfg), name="total_loss")
-        lr = learning_rate(cfg, global_step, max(num_train // cfg.batch_size, 1))
+        lr = learning_rate(cfg, steps, max(num_train // cfg.batch_size, 1))
         optimizer = make_optimizer(cfg, lr)
-        update_ops = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS, scope=MODEL_SCOPE)
-        with tf.control_dependencies(update_ops):
-            train_op, loss_scale, skipped = _minimize(
-                optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE), global_step,
-                loss_scaling=(precision == "fp16"))
-    return _train_tensors(t, total_loss, lr, train_op, global_step, inp, loss_scale, skipped,
+        statistics = tf1.get_collection(ops.STATISTICS_UPDATES, scope=MODEL_SCOPE)
+        train_op = _minimize(optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE),
+                             global_step, scaling, statistics)
+    return _train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
                           step_loss=t.loss, step_accuracy=t.accuracy)
 
 
@@ -363,12 +425,13 @@ class _TrainInput:
     batch_labels: tf.Tensor
 
 
-def _training_input(cfg: TrainConfig, num_train: int, global_step, *, rank: int = 0,
+def _training_input(cfg: TrainConfig, num_train: int, steps, *, rank: int = 0,
                     per_process: Optional[int] = None) -> _TrainInput:
     """The training set as local variables and batch ``batch_index`` drawn from it.
 
     Process ``rank`` takes rows ``rank*per_process`` onwards of each global batch
-    (all of it in a single process); augmentation is drawn for the global batch.
+    (all of it in a single process); augmentation is drawn for the global batch,
+    seeded by ``cfg.seed`` and ``steps`` (the steps taken so far).
     """
     per_process = per_process or cfg.batch_size
     with tf1.variable_scope("input"):
@@ -390,7 +453,7 @@ def _training_input(cfg: TrainConfig, num_train: int, global_step, *, rank: int 
         batch_images = tf.gather(images_var, idx)
         batch_labels = tf.gather(labels_var, idx)
         if cfg.augment:
-            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(global_step, tf.int64)])
+            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(steps, tf.int64)])
             sharded = per_process != cfg.batch_size
             batch_images = augment(batch_images, seed, offset=rank * per_process,
                                    total=cfg.batch_size if sharded else None)
@@ -398,8 +461,9 @@ def _training_input(cfg: TrainConfig, num_train: int, global_step, *, rank: int 
                        batch_index, batch_images, batch_labels)
 
 
-def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, inp: _TrainInput,
-                   loss_scale, skipped, *, step_loss, step_accuracy) -> TrainTensors:
+def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
+                   inp: _TrainInput, scaling: Optional[LossScaling], *, step_loss,
+                   step_accuracy) -> TrainTensors:
     """The epoch counters and the :class:`TrainTensors` of a built training graph."""
     epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
                                    trainable=False)
@@ -413,6 +477,7 @@ def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, inp: 
     return TrainTensors(
         **fields, total_loss=total_loss, learning_rate=lr,
         train_op=tf.group(train_op, name="train_op"), global_step=global_step,
+        steps_taken=steps,
         epochs_done=epochs_done, set_epochs_done=epochs_done.assign(epoch_placeholder).op,
         epoch_placeholder=epoch_placeholder, epoch_progress=epoch_progress,
         progress_placeholder=progress_placeholder,
@@ -422,7 +487,8 @@ def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, inp: 
         load_data=tf.group(inp.images_var.initializer, inp.labels_var.initializer,
                            inp.order.initializer),
         permutation=inp.permutation, set_permutation=inp.order.assign(inp.permutation).op,
-        loss_scale=loss_scale, skipped_steps=skipped,
+        loss_scale=scaling.scale if scaling else None,
+        skipped_steps=scaling.skipped_steps if scaling else None,
         step_loss=step_loss, step_accuracy=step_accuracy)
 
 
@@ -448,8 +514,10 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
     each tower takes its slice of this process's rows of the global batch, its
     gradients are averaged with the others' (then across processes by
     ``reduce``) and applied once. Batch norm: every tower normalises with its
-    own batch statistics, and only tower 0's UPDATE_OPS move the moving
-    averages (``reduce`` then averages them across processes). The public
+    own batch statistics, and only tower 0's statistics move the moving
+    averages (``reduce`` averages their deltas across processes, which gives
+    the same values as averaging the updated statistics, since every process
+    holds the same ones). The public
     names (``images:0``, ``loss:0``, ...) are tower 0's, so evaluation feeds
     tower 0 alone; ``step_loss``/``step_accuracy`` are the global batch's.
     """
@@ -464,7 +532,9 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
     with tf.device(device_prefix or None):
         global_step = tf1.train.get_or_create_global_step()
     with tf.device(device_prefix + variables_device):
-        inp = _training_input(cfg, num_train, global_step, rank=rank, per_process=per_process)
+        scaling = loss_scaling_state() if precision == "fp16" else None
+        steps = steps_taken(global_step, scaling)
+        inp = _training_input(cfg, num_train, steps, rank=rank, per_process=per_process)
     batch_images, batch_labels = inp.batch_images, inp.batch_labels
     places = [_place(device_prefix, f"/device:{device_type}:{i}", variables_device)
               for i in range(devices)]
@@ -483,8 +553,8 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
                                    training=training)
                 training = t_i.training
                 if i == 0:
-                    # Tower 0's batch-norm updates only (see the docstring).
-                    update_ops = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS, scope=MODEL_SCOPE)
+                    # Tower 0's batch-norm statistics only (see the docstring).
+                    statistics = tf1.get_collection(ops.STATISTICS_UPDATES, scope=MODEL_SCOPE)
                     decay = weight_decay_loss(cfg)
                     total_loss = tf.add(training_loss(cfg, t_i), decay, name="total_loss")
                 else:
@@ -495,12 +565,12 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
         with tf.device(device_prefix + variables_device):
             step_loss = tf.add_n([x.loss for x in towers]) / float(devices)
             step_accuracy = tf.add_n([x.accuracy for x in towers]) / float(devices)
-            lr = learning_rate(cfg, global_step, max(num_train // cfg.batch_size, 1))
+            lr = learning_rate(cfg, steps, max(num_train // cfg.batch_size, 1))
             optimizer = make_optimizer(cfg, lr)
         var_list = tf1.trainable_variables(MODEL_SCOPE)
         reduced = {}
 
-        def gradients(scale):
+        def compute(scale):
             per_device = []
             for place, loss in zip(places, losses):
                 with tf1.device(place):
@@ -511,21 +581,19 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
                          for g in zip(*per_device)]
                 if scale is not None:
                     grads = [g / scale for g in grads]
+                deltas = [u.delta for u in statistics]
                 metrics = {"loss": step_loss, "accuracy": step_accuracy}
-                extra = []
                 if reduce is not None:
-                    grads, metrics, extra = reduce(grads, metrics)
-                reduced.update(metrics, extra=list(extra))
-            return grads
+                    averaged, metrics = reduce(grads + deltas, metrics)
+                    grads, deltas = averaged[:len(grads)], averaged[len(grads):]
+                reduced.update(metrics)
+            return grads, deltas
 
-        with tf.device(device_prefix + variables_device), tf.control_dependencies(update_ops):
-            train_op, loss_scale, skipped = _minimize(
-                optimizer, losses[0], var_list, global_step, loss_scaling=(precision == "fp16"),
-                gradients=gradients)
-            if reduced["extra"]:
-                train_op = tf.group(train_op, *reduced["extra"])
+        with tf.device(device_prefix + variables_device):
+            train_op = _minimize(optimizer, losses[0], var_list, global_step, scaling, statistics,
+                                 compute=compute)
     with tf.device(device_prefix or None):
-        return _train_tensors(t, losses[0], lr, train_op, global_step, inp, loss_scale, skipped,
+        return _train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
                               step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])
 
 

@@ -42,12 +42,14 @@ def conv2d(x, filters, kernel_size=3, strides=1, *, data_format, name):
 
 
 def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5):
-    """Fused batch normalisation with moving averages registered in UPDATE_OPS.
+    """Fused batch normalisation with moving averages.
 
-    While training it normalises with the batch's statistics and adds two
-    assignments that move ``moving_mean``/``moving_variance`` towards them
-    (``decay = momentum``) to ``tf.GraphKeys.UPDATE_OPS``; the train op must
-    run them (see ``graph.py``). Otherwise it normalises with the moving
+    While training it normalises with the batch's statistics and records two
+    pending updates that move ``moving_mean``/``moving_variance`` towards them
+    (``decay = momentum``) in the :data:`STATISTICS_UPDATES` collection; the
+    training graph turns them into assignments in ``tf.GraphKeys.UPDATE_OPS``
+    (:func:`moving_statistics_updates`) that its train op depends on (see
+    ``graph.py``). Otherwise it normalises with the moving
     averages, so an image's output does not depend on the rest of its batch.
     Scale, offset and statistics stay float32 whatever the input dtype.
     """
@@ -84,11 +86,53 @@ def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5):
         # values, so these updates are exact no-ops; they only run with the
         # train op anyway.
         rate = 1.0 - momentum
-        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS,
-                              moving_mean.assign_sub((moving_mean - mean) * rate))
-        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS,
-                              moving_var.assign_sub((moving_var - var) * rate))
+        tf1.add_to_collection(STATISTICS_UPDATES,
+                              StatisticUpdate(moving_mean, (moving_mean - mean) * rate))
+        tf1.add_to_collection(STATISTICS_UPDATES,
+                              StatisticUpdate(moving_var, (moving_var - var) * rate))
         return y
+
+
+# Graph collection of the pending moving-statistics updates of batch_norm.
+STATISTICS_UPDATES = "resnet_graph_statistics_updates"
+
+
+class StatisticUpdate:
+    """A pending ``variable -= delta`` of a batch-norm moving statistic.
+
+    ``batch_norm`` records these instead of creating the assignments itself,
+    because whether (and with which delta) they run is decided by the train
+    op: with fp16 loss scaling only on steps whose gradients are finite, and
+    across processes with the delta averaged over every process. ``name``
+    lets ``get_collection(..., scope=...)`` filter them like ops.
+    """
+
+    def __init__(self, variable, delta):
+        self.variable = variable
+        self.delta = delta
+        self.name = delta.name
+
+
+def moving_statistics_updates(updates, deltas=None, gate=None):
+    """Create the assignments of ``updates`` (StatisticUpdate) and add them to
+    ``tf.GraphKeys.UPDATE_OPS``; returns them.
+
+    ``deltas`` replaces each update's own delta (e.g. averaged across
+    processes); with a bool scalar ``gate`` an update moves its variable only
+    where the gate is true (an fp16 step that loss scaling skips leaves the
+    statistics exactly as they were, even if its batch statistics were inf/NaN).
+    """
+    deltas = [u.delta for u in updates] if deltas is None else deltas
+    ops_ = []
+    for update, delta in zip(updates, deltas):
+        # In the batch norm's name scope, so that scoped collections find it.
+        with tf1.name_scope(update.delta.op.name.rpartition("/")[0] + "/"):
+            if gate is not None:
+                delta = tf.where(gate, delta, tf.zeros_like(delta))
+            op = update.variable.assign_sub(delta)
+        tf1.add_to_collection(tf1.GraphKeys.UPDATE_OPS, op)
+        ops_.append(op)
+    return ops_
 
 
 def dense(x, units, *, name):

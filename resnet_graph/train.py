@@ -210,15 +210,7 @@ class Trainer:
             checkpoint.restore(self.sess, self.saver, prefix)
             checkpoint.adopt_existing(self.saver, self.run_dir)
             checkpoint.adopt_existing(self.best_saver, self.run_dir / checkpoint.BEST_DIR)
-            done, step, progress = self.sess.run(
-                [self.t.epochs_done, self.t.global_step, self.t.epoch_progress])
-            self.start_epoch = int(done) + 1
-            self.start_step = int(step) - int(done) * self.steps_per_epoch
-            if not 0 <= self.start_step <= self.steps_per_epoch:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {prefix} is at step {step}, which does not fit epoch {done} "
-                    f"with {self.steps_per_epoch} steps per epoch; was config.json edited?")
-            self.progress = tuple(float(v) for v in progress)
+            done = self.restore_position(prefix)
             history.truncate(self.history_path, cfg.name, int(done))
             history.set_attrs(self.history_path, cfg.name, status=None, failure=None)
             self._best_from_history()
@@ -233,6 +225,22 @@ class Trainer:
                 history.truncate(self.history_path, cfg.name, 0)
         self.sess.run(self.t.load_data, {self.t.data_images: ds.train.images,
                                          self.t.data_labels: ds.train.labels})
+
+    def restore_position(self, prefix: str = "the checkpoint") -> int:
+        """Where the restored variables say the run is: the next epoch, the step in
+        it (from the steps *taken*, so fp16 steps that loss scaling skipped count,
+        see graph.py) and that epoch's running sums. Returns the epochs done."""
+        done, steps, progress = self.sess.run(
+            [self.t.epochs_done, self.t.steps_taken, self.t.epoch_progress])
+        done = int(done)
+        self.start_epoch = done + 1
+        self.start_step = int(steps) - done * self.steps_per_epoch
+        if not 0 <= self.start_step <= self.steps_per_epoch:
+            raise checkpoint.CheckpointError(
+                f"{prefix} is at step {steps}, which does not fit epoch {done} "
+                f"with {self.steps_per_epoch} steps per epoch; was config.json edited?")
+        self.progress = tuple(float(v) for v in progress)
+        return done
 
     def before_epoch(self, epoch: int):
         order = epoch_order(self.cfg.seed, epoch, len(self.dataset.train))
@@ -306,7 +314,7 @@ class Trainer:
         t = self.t
         self.sess.run(t.set_epoch_progress, {t.progress_placeholder: list(progress)})
         prefix = checkpoint.save(self.sess, self.saver, self.run_dir,
-                                 int(self.sess.run(t.global_step)))
+                                 int(self.sess.run(t.steps_taken)))
         name = signal.Signals(self.stop_signal).name
         raise TrainingInterrupted(
             f"{name}: stopped after step {steps_done} of epoch {epoch}; checkpoint {prefix} "
@@ -335,7 +343,7 @@ class Trainer:
             checkpoint.save_best(self.sess, self.best_saver, self.run_dir, epoch, row["valid_acc"])
         self.sess.run(self.t.set_epochs_done, {self.t.epoch_placeholder: epoch})
         self.sess.run(self.t.set_epoch_progress, {self.t.progress_placeholder: [0.0, 0.0, 0.0]})
-        checkpoint.save(self.sess, self.saver, self.run_dir, int(self.sess.run(self.t.global_step)))
+        checkpoint.save(self.sess, self.saver, self.run_dir, int(self.sess.run(self.t.steps_taken)))
         self.log(f"epoch {epoch}/{self.cfg.epochs}  "
                  f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                  f"valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.4f}  "

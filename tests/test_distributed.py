@@ -56,28 +56,54 @@ def _one_step(cfg, devices, images, labels, values=None):
     return loss, acc, before, after, devices_used
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_two_towers_match_one_device(precision):
+# What the tower comparison bounds: the relative norm ||g2 - g1|| / ||g1|| of the
+# difference between the one-device and two-tower gradients of each variable. Two
+# towers sum the same products in another order, so the difference is rounding:
+# a few float32 ulps, or for fp16 compute about 10x its unit roundoff (2^-11) after
+# the passes through depth 8 (1.6e-6 and 1.8e-3 measured on the 2-core EPYC with
+# oneDNN). A tower that computes on the wrong rows is off by tens of percent.
+GRADIENT_BOUND = {"fp32": 1e-5, "fp16": 1e-2}
+
+
+def _tower_gradient_error(precision, corrupt_tower_1=False):
+    """Loss of one step on one device and on two towers, and the largest relative
+    gradient difference over the trainable variables (see GRADIENT_BOUND)."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 24).astype(np.int32)
     cfg = TrainConfig(depth=8, batch_size=8, optimizer="momentum", lr=0.1, weight_decay=1e-3,
                       augment=False, precision=precision)
     loss1, acc1, before, after1, _ = _one_step(cfg, 1, images, labels)
-    loss2, acc2, _, after2, used = _one_step(cfg, 2, images, labels, values=before)
+    towers_images = images.copy()
+    if corrupt_tower_1:
+        # Batch 1 is rows 8:16 of the (identity) order; tower 1 takes rows 12:16.
+        towers_images[12:16] = images[0:4]
+    loss2, acc2, _, after2, used = _one_step(cfg, 2, towers_images, labels, values=before)
     assert {d for d in used if "CPU:1" in d}, "tower 1 is not on the second device"
-    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
-    np.testing.assert_allclose(loss2, loss1, **tol)
-    assert acc1 == acc2
     trainable = [n for n in before if n.startswith("model/") and "moving" not in n]
     assert trainable
+    worst = 0.0
     for name in trainable:
         # momentum SGD's first step: w -= lr * grad, so this compares the gradients.
         g1 = (before[name] - after1[name]) / cfg.lr
         g2 = (before[name] - after2[name]) / cfg.lr
-        np.testing.assert_allclose(g2, g1, err_msg=name, **tol)
+        worst = max(worst, float(np.linalg.norm(g2 - g1) / np.linalg.norm(g1)))
+    return (loss1, acc1), (loss2, acc2), worst, after2
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_two_towers_match_one_device(precision):
+    (loss1, acc1), (loss2, acc2), worst, after2 = _tower_gradient_error(precision)
+    assert worst < GRADIENT_BOUND[precision]
+    assert loss2 == pytest.approx(loss1, rel=GRADIENT_BOUND[precision])
+    assert acc1 == acc2
     if precision == "fp16":
         assert after2["loss_scaling/skipped_steps"] == 0
+
+
+def test_the_tower_comparison_catches_a_tower_on_the_wrong_rows():
+    _, _, worst, _ = _tower_gradient_error("fp16", corrupt_tower_1=True)
+    assert worst > 10 * GRADIENT_BOUND["fp16"]
 
 
 def test_cluster_json_is_checked():

@@ -63,7 +63,9 @@ def _bn_graph(momentum=0.5):
         x = tf1.placeholder(tf.float32, [None, 4, 4, 3])
         training = tf1.placeholder_with_default(False, [])
         y = ops.batch_norm(x, training, data_format="NHWC", name="bn", momentum=momentum)
-        updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+        assert not tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)   # pending until the train op
+        updates = ops.moving_statistics_updates(tf1.get_collection(ops.STATISTICS_UPDATES))
+        assert updates == tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
         init = tf1.global_variables_initializer()
     return g, x, training, y, updates, init
 

@@ -1,0 +1,206 @@
+"""fp16 loss scaling in a whole run: skipped steps, stops and resumes.
+
+A step that loss scaling skips applies nothing (``global_step`` stays), yet the
+run moves on to the next batch. These tests force skips all through a run (a
+start above the overflow threshold and growth after every 2 good steps, so the scale keeps
+climbing back into overflow), stop it at an epoch boundary and in mid-epoch,
+resume, and compare every step with an uninterrupted run of the same seed.
+"""
+
+import zlib
+
+import numpy as np
+import pytest
+
+from resnet_graph import data, graph, history
+from resnet_graph.config import TrainConfig
+from resnet_graph.train import Trainer
+
+QUIET = dict(log=lambda s: None, progress=False)
+STEPS_PER_EPOCH = 5
+
+
+def fp16_config(name):
+    # A cosine schedule (a different rate at every step) and augmentation (a
+    # different draw at every step): both show a drift by even one step.
+    return TrainConfig(model="original", depth=8, epochs=3, batch_size=20, valid_size=50,
+                       train_examples=STEPS_PER_EPOCH * 20, lr=0.05, optimizer="momentum",
+                       lr_schedule="cosine", warmup_epochs=1, augment=True, precision="fp16",
+                       name=name)
+
+
+@pytest.fixture
+def overflowing(monkeypatch):
+    """Start above the overflow threshold of this tiny model (between 2^16 and 2^18)
+    and double after 2 good steps: the scale keeps climbing back into overflow."""
+    monkeypatch.setattr(graph, "INITIAL_LOSS_SCALE", 2.0 ** 20)
+    monkeypatch.setattr(graph, "LOSS_SCALE_GROWTH_STEPS", 2)
+
+
+class Recorded(Trainer):
+    """Records, for every step run: (epoch, step, batch index, steps taken before it,
+    rate, a checksum of the augmented batch, skipped-so-far after it)."""
+
+    def __init__(self, *args, records, crash_before_epoch=None, stop_at=None, **kw):
+        super().__init__(*args, **kw)
+        self.records = records
+        self.crash_before_epoch = crash_before_epoch
+        self.stop_at = stop_at
+        self.epoch = 0
+
+    def before_epoch(self, epoch):
+        if epoch == self.crash_before_epoch:
+            raise KeyboardInterrupt("simulated kill after the epoch-boundary checkpoint")
+        self.epoch = epoch
+        super().before_epoch(epoch)
+
+    def run_step(self, fetches, step):
+        t = self.t
+        taken = int(self.sess.run(t.steps_taken))
+        out = self.sess.run(list(fetches) + [t.images], {t.batch_index: step, t.training: True})
+        *out, images = out
+        self.records.append((self.epoch, step, taken, float(out[3]),
+                             zlib.crc32(images.tobytes()), int(self.sess.run(t.skipped_steps))))
+        return out
+
+    def after_step(self, epoch, step):
+        if (epoch, step) == self.stop_at:
+            self.request_stop()
+
+
+def _variables(run_dir):
+    """Every checkpointed variable of the latest checkpoint of ``run_dir``."""
+    import tensorflow as tf
+    from resnet_graph import checkpoint
+    reader = tf.compat.v1.train.NewCheckpointReader(checkpoint.latest(run_dir))
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_data_dir):
+    return data.load_cifar10(tiny_data_dir, valid_size=50, train_examples=STEPS_PER_EPOCH * 20,
+                             seed=0)
+
+
+@pytest.fixture
+def straight(dataset, tmp_path, overflowing):
+    records = []
+    Recorded(fp16_config("straight"), dataset, tmp_path / "straight", tmp_path / "h.h5",
+             records=records, **QUIET).run()
+    return records, _variables(tmp_path / "straight"), history.read_run(tmp_path / "h.h5",
+                                                                          "straight")
+
+
+def _compare(straight, records, run_dir, hist, name):
+    want_records, want_vars, want_run = straight
+    # Same batches, augmentation, rates and positions, step by step.
+    assert [r[:5] for r in records] == [r[:5] for r in want_records]
+    assert [r[5] for r in records] == [r[5] for r in want_records]
+    got = _variables(run_dir)
+    # Same number of applied updates and skips.
+    assert got["global_step"] == want_vars["global_step"]
+    assert got["loss_scaling/skipped_steps"] == want_vars["loss_scaling/skipped_steps"]
+    assert got["global_step"] + got["loss_scaling/skipped_steps"] == 3 * STEPS_PER_EPOCH
+    for key in got:
+        if "moving_" in key:
+            assert np.isfinite(got[key]).all(), key
+    for key in ("model/stem/conv/kernel", "model/dense/kernel"):
+        np.testing.assert_allclose(got[key], want_vars[key], rtol=1e-3, atol=1e-5)
+    run = history.read_run(hist, name)
+    assert list(run.columns["epoch"]) == [1, 2, 3]
+    np.testing.assert_allclose(run.columns["lr"], want_run.columns["lr"], rtol=1e-6)
+    np.testing.assert_allclose(run.columns["train_loss"], want_run.columns["train_loss"],
+                               rtol=2e-3)
+
+
+def test_forced_skips_happen_throughout_and_statistics_stay_finite(straight):
+    records, variables, _ = straight
+    skipped = [r[5] for r in records]
+    increments = np.diff([0] + skipped)
+    # Skips in every epoch, and applied steps in every epoch too.
+    for epoch in (1, 2, 3):
+        per_epoch = [inc for r, inc in zip(records, increments) if r[0] == epoch]
+        assert 0 < sum(per_epoch) < STEPS_PER_EPOCH, (epoch, per_epoch, skipped)
+    # The position is the count of steps taken, not of updates applied.
+    assert [r[2] for r in records] == list(range(3 * STEPS_PER_EPOCH))
+    assert variables["global_step"] == 3 * STEPS_PER_EPOCH - skipped[-1]
+    for key, value in variables.items():
+        if "moving_" in key:
+            assert np.isfinite(value).all(), key
+
+
+def test_resume_at_an_epoch_boundary_after_skips(dataset, tmp_path, straight):
+    records = []
+    cfg = fp16_config("boundary")
+    with pytest.raises(KeyboardInterrupt):
+        Recorded(cfg, dataset, tmp_path / "boundary", tmp_path / "h.h5", records=records,
+                 crash_before_epoch=2, **QUIET).run()
+    assert records[-1][5] > 0, "no step was skipped before the stop"
+    Recorded(cfg, dataset, tmp_path / "boundary", tmp_path / "h.h5", records=records,
+             resume=True, **QUIET).run()
+    _compare(straight, records, tmp_path / "boundary", tmp_path / "h.h5", "boundary")
+
+
+def test_resume_in_mid_epoch_after_skips(dataset, tmp_path, straight):
+    from resnet_graph.errors import TrainingInterrupted
+    records = []
+    cfg = fp16_config("middle")
+    with pytest.raises(TrainingInterrupted):
+        Recorded(cfg, dataset, tmp_path / "middle", tmp_path / "h.h5", records=records,
+                 stop_at=(2, 2), **QUIET).run()
+    assert len(records) == STEPS_PER_EPOCH + 3
+    Recorded(cfg, dataset, tmp_path / "middle", tmp_path / "h.h5", records=records,
+             resume=True, **QUIET).run()
+    _compare(straight, records, tmp_path / "middle", tmp_path / "h.h5", "middle")
+
+
+def test_a_skipped_step_leaves_the_batch_norm_statistics_alone(dataset):
+    """Statistics move on applied steps only, even when the batch's own are inf."""
+    import tensorflow as tf
+    tf1 = tf.compat.v1
+    g = tf.Graph()
+    with g.as_default():
+        # std 1e-3: a pixel of 255 normalises to 2.55e5, beyond fp16's 65504, so a
+        # bright batch has inf activations and inf/NaN batch statistics.
+        t = graph.build_train_graph(fp16_config("bn"), (0.0,) * 3, (1e-3,) * 3,
+                                    len(dataset.train), precision="fp16")
+        stats = tf1.get_collection(tf1.GraphKeys.MOVING_AVERAGE_VARIABLES, scope="model")
+        init = tf1.global_variables_initializer()
+    with tf1.Session(graph=g) as sess:
+        sess.run(init)
+        sess.run(t.load_data, {t.data_images: dataset.train.images,
+                               t.data_labels: dataset.train.labels})
+        before = sess.run(stats)
+        dark = np.zeros((20, 32, 32, 3), np.uint8)
+        sess.run(t.train_op, {t.images: dark, t.training: True})
+        assert sess.run([t.global_step, t.skipped_steps]) == [1, 0]
+        applied = sess.run(stats)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, applied))
+        bright = np.full((20, 32, 32, 3), 255, np.uint8)
+        sess.run(t.train_op, {t.images: bright, t.training: True})
+        assert sess.run([t.global_step, t.skipped_steps]) == [1, 1]
+        for a, b in zip(applied, sess.run(stats)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_the_loss_scale_never_grows_past_its_cap(dataset, monkeypatch):
+    import tensorflow as tf
+    tf1 = tf.compat.v1
+    monkeypatch.setattr(graph, "INITIAL_LOSS_SCALE", 2.0 ** 8)
+    monkeypatch.setattr(graph, "MAX_LOSS_SCALE", 2.0 ** 9)
+    monkeypatch.setattr(graph, "LOSS_SCALE_GROWTH_STEPS", 1)
+    g = tf.Graph()
+    with g.as_default():
+        t = graph.build_train_graph(fp16_config("cap"), dataset.mean, dataset.std,
+                                    len(dataset.train), precision="fp16")
+        init = tf1.global_variables_initializer()
+    with tf1.Session(graph=g) as sess:
+        sess.run(init)
+        sess.run(t.load_data, {t.data_images: dataset.train.images,
+                               t.data_labels: dataset.train.labels})
+        scales = []
+        for step in range(3):
+            sess.run(t.train_op, {t.batch_index: step, t.training: True})
+            scales.append(float(sess.run(t.loss_scale)))
+        assert sess.run(t.skipped_steps) == 0
+        assert scales == [2.0 ** 9] * 3     # 2^8 doubled once, then held at the cap
