@@ -47,7 +47,8 @@ import tensorflow as tf
 
 from . import models, ops
 from .config import TrainConfig
-from .runtime import cpu_has_bf16, gpu_count
+from .errors import UserError
+from .runtime import cpu_has_bf16, gpu_count, kernel_problem, onednn_enabled
 
 tf1 = tf.compat.v1
 
@@ -95,6 +96,29 @@ def resolve_data_format(data_format: str, gpu: Optional[bool] = None,
     if not (gpu_available() if gpu is None else gpu):
         return "NHWC"
     return "NHWC" if precision == "fp16" else "NCHW"
+
+
+def check_runnable(precision: str, data_format: str, xla: bool) -> None:
+    """Refuse, before anything is built or written, a resolved precision, layout
+    and XLA setting that this machine's TensorFlow cannot train, with one line
+    that names the reason and the alternative (``auto`` never picks one)."""
+    problem = kernel_problem(data_format, precision, xla)
+    if problem is None:
+        return
+    if xla and kernel_problem(data_format, precision, False) is None:
+        hint = "drop --xla"
+    elif data_format != "NHWC" and kernel_problem("NHWC", precision, xla) is None:
+        hint = "use --data-format NHWC (or auto)"
+        if not gpu_available() and not onednn_enabled():
+            hint += ", or let oneDNN's NCHW kernels run (unset TF_ENABLE_ONEDNN_OPTS)"
+    elif precision != "fp32" and kernel_problem(data_format, "fp32", xla) is None:
+        hint = "use --precision fp32 (or auto)"
+    else:
+        hint = "use --data-format auto --precision auto --no-xla"
+    device = "GPU" if gpu_available() else "CPU"
+    raise UserError(f"--data-format {data_format} --precision {precision}"
+                    f"{' --xla' if xla else ''} cannot train on this {device} with this "
+                    f"TensorFlow ({problem}); {hint}")
 
 
 def normalise(images, mean, std, data_format, dtype):

@@ -11,8 +11,8 @@ import numpy as np
 import tensorflow as tf
 
 from .config import TrainConfig
-from .graph import (MODEL_SCOPE, build_eval_graph, build_train_graph, gpu_available,
-                    resolve_data_format, resolve_precision, session_config)
+from .graph import (MODEL_SCOPE, build_eval_graph, build_train_graph, check_runnable,
+                    gpu_available, resolve_data_format, resolve_precision, session_config)
 from .models import STAGE_FILTERS, layer_counts
 from .runtime import describe_device
 
@@ -71,6 +71,7 @@ def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
     gpu = gpu_available()
     precision = resolve_precision(cfg.precision, gpu)
     data_format = resolve_data_format(cfg.data_format, gpu, precision)
+    check_runnable(precision, data_format, cfg.xla)
     num_images = max(num_images, cfg.batch_size)
     rng = np.random.default_rng(cfg.seed)
     images = rng.integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)

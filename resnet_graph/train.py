@@ -23,14 +23,14 @@ from typing import Callable, Optional
 
 import numpy as np
 import tensorflow as tf
-from tqdm import tqdm
 
 from . import checkpoint, data, history
 from .config import TrainConfig
 from .errors import TrainingInterrupted, UserError
 from .evaluate import Metrics, evaluate
-from .graph import (MODEL_SCOPE, build_train_graph, gpu_available, resolve_data_format,
-                    resolve_precision, session_config)
+from .graph import (MODEL_SCOPE, build_train_graph, check_runnable, gpu_available,
+                    resolve_data_format, resolve_precision, session_config)
+from .progress import epoch_progress
 from .runtime import describe_device, gpu_count
 from .summaries import RunSummaries
 
@@ -57,7 +57,8 @@ class Trainer:
       history_path: the HDF5 history file.
       resume: continue from the latest checkpoint in ``run_dir``.
       log: where summary lines go (``print`` by default).
-      progress: show a tqdm bar per epoch (only where stderr is a terminal).
+      progress: show progress within each epoch (a bar in a terminal, else a
+        line about every 10% through ``log``; see resnet_graph.progress).
       eval_batch_size: batch size of validation and test evaluation.
       devices: towers (one per GPU, else per logical CPU device) that split
         each global batch of ``cfg.batch_size`` images (docs/distributed.md).
@@ -80,6 +81,7 @@ class Trainer:
         gpu = gpu_available()
         self.precision = resolve_precision(cfg.precision, gpu)
         self.data_format = resolve_data_format(cfg.data_format, gpu, self.precision)
+        check_runnable(self.precision, self.data_format, cfg.xla)
         self.steps_per_epoch = len(dataset.train) // cfg.batch_size
         if self.steps_per_epoch < 1:
             raise UserError(f"batch size {cfg.batch_size} is larger than the {len(dataset.train)} "
@@ -261,11 +263,10 @@ class Trainer:
         if t.skipped_steps is not None:      # fp16: a loss-scale skip is not a failure
             fetches.append(t.skipped_steps)
         skipped = int(self.sess.run(t.skipped_steps)) if t.skipped_steps is not None else 0
-        bar = tqdm(range(first, self.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}",
-                   unit="step", leave=False, disable=None if self.progress_bar else True,
-                   dynamic_ncols=True, initial=first, total=self.steps_per_epoch)
+        bar = epoch_progress(f"epoch {epoch}/{cfg.epochs}", first, self.steps_per_epoch,
+                             cfg.batch_size, enabled=self.progress_bar, log=self.log)
         lr = float("nan")
-        for step in bar:
+        for step in range(first, self.steps_per_epoch):
             _, loss, acc, lr, *skips = self.run_step(fetches, step)
             if skips and skips[0] > skipped:
                 # Loss scaling skipped this step; if its loss overflowed too, count
@@ -284,11 +285,9 @@ class Trainer:
             if self.stop_signal is not None:
                 bar.close()
                 self._stop(epoch, step + 1, (loss_sum, hits, time.perf_counter() - start))
-            if bar.disable is False and step % 10 == 0:
-                done = step + 1 - first
-                bar.set_postfix(loss=f"{loss_sum / (step + 1):.3f}",
-                                acc=f"{hits / (step + 1):.3f}",
-                                img_s=f"{done * cfg.batch_size / (time.perf_counter() - start):.0f}")
+            elapsed = time.perf_counter() - start - before
+            bar.update(step, loss_sum, hits,
+                       (step + 1 - first) * cfg.batch_size / elapsed if elapsed > 0 else 0.0)
         bar.close()
         train_seconds = time.perf_counter() - start
         n = self.steps_per_epoch
@@ -462,19 +461,20 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
     folder = data.find_data_dir(data_dir, progress=not quiet)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
-    if chief:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            history_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create {run_dir} ({e.strerror}); choose a writable --out") from None
     options = dict(resume=resume, log=(lambda s: None) if quiet else log, progress=not quiet,
                    devices=devices)
+    # The trainer refuses options this machine cannot run before anything is written.
     if cluster is not None and cluster.workers > 1:
         from .distributed import DistributedTrainer
         trainer = DistributedTrainer(cfg, dataset, run_dir, history_path, cluster=cluster,
                                      **options)
     else:
         trainer = Trainer(cfg, dataset, run_dir, history_path, **options)
+    if chief:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {run_dir} ({e.strerror}); choose a writable --out") from None
     metrics = trainer.run()
     return {"run_dir": str(run_dir), "history": str(history_path), "test": metrics}

@@ -224,3 +224,39 @@ def test_lr_boundaries_make_a_step_schedule(tiny_data_dir, tmp_path):
     # 5 steps per epoch: the last step of epoch 1 is step 4 (lr 0.01), of epoch 2 step 9 (0.001).
     assert list(run.columns["lr"]) == pytest.approx([0.01, 0.001])
     assert run.attrs["config"]["lr_schedule"] == "step"
+
+
+def test_a_layout_without_a_kernel_is_refused_before_anything_is_written(trained, tmp_path,
+                                                                           monkeypatch):
+    from resnet_graph import graph
+    monkeypatch.setattr(graph, "kernel_problem",
+                        lambda fmt, precision, xla=False: "no NCHW kernel" if fmt == "NCHW"
+                        else None)
+    _, folder = trained
+    result = invoke("train", "original", *TINY, "--data-format", "NCHW", "--data-dir", folder,
+                    "--out", tmp_path / "out", "--quiet")
+    assert_one_line_error(result, "--data-format NCHW", "no NCHW kernel", "NHWC")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nchw_without_onednn_trains_or_says_why_in_one_line(trained, tmp_path):
+    """The real thing in a fresh process (TensorFlow reads the variable at import): on
+    CPUs without oneDNN's NCHW kernels, a one-line refusal; where they exist, a run."""
+    import os
+    import subprocess
+    import sys
+    _, folder = trained
+    exe = os.path.join(os.path.dirname(sys.executable), "resnet-graph")
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
+    proc = subprocess.run([exe, "train", "original", *TINY, "--train-examples", "50",
+                           "--data-format", "NCHW", "--precision", "fp32",
+                           "--data-dir", str(folder), "--out", str(tmp_path / "out"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    if proc.returncode == 0:
+        assert (tmp_path / "out" / "original-8" / "config.json").is_file()
+    else:
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and lines[0].startswith("Error: --data-format NCHW"), lines
+        assert "NHWC" in lines[0]
+        assert not (tmp_path / "out").exists()

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from resnet_graph import graph, runtime
 from resnet_graph.config import TrainConfig
+from resnet_graph.errors import UserError
 from resnet_graph.graph import MODEL_SCOPE, build_train_graph
 
 tf1 = tf.compat.v1
@@ -91,21 +93,71 @@ def test_no_loss_scaling_outside_fp16():
             assert not [op for op in sess.graph.get_operations() if "loss_scaling" in op.name]
 
 
+def _needs_kernel(data_format, precision, xla=False):
+    """Skip, with TensorFlow's reason, where this machine has no such kernel."""
+    problem = runtime.kernel_problem(data_format, precision, xla)
+    if problem:
+        pytest.skip(f"no {data_format}/{precision}{'/XLA' if xla else ''} kernel here: {problem}")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_layout_is_threaded_through_every_op(precision):
+    """Graph structure only (runs on every machine, kernels or not)."""
+    for fmt in ("NHWC", "NCHW"):
+        g = tf.Graph()
+        with g.as_default():
+            cfg = TrainConfig(model="preact", depth=8, batch_size=10, lr=0.01)
+            build_train_graph(cfg, (120,) * 3, (60,) * 3, 20, precision=precision,
+                              data_format=fmt)
+        ops_ = g.get_operations()
+        convs = [op for op in ops_ if op.type == "Conv2D"]
+        assert convs and all(op.get_attr("data_format") == fmt.encode() for op in convs)
+        # (TensorFlow's gradient of an inference-mode fused batch norm, in the
+        # never-run branch of the training flag, is NHWC whatever the input.)
+        bns = [n for n in all_nodes(g) if n.op.startswith("FusedBatchNorm")
+               and not n.name.startswith("gradients")]
+        assert bns and all(n.attr["data_format"].s == fmt.encode() for n in bns)
+        # One transpose at the input for NCHW, none for NHWC.
+        transposes = [op for op in ops_ if op.type == "Transpose"
+                      and not op.name.startswith("gradients")]
+        assert len(transposes) == (1 if fmt == "NCHW" else 0)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_nchw_graph_trains_and_matches_nhwc(precision):
+    _needs_kernel("NCHW", precision)
     results = {}
     for fmt in ("NHWC", "NCHW"):
         sess, t, _ = _session(precision, fmt, model="preact")
         with sess:
-            convs = [op for op in sess.graph.get_operations() if op.type == "Conv2D"]
-            assert all(op.get_attr("data_format") == fmt.encode() for op in convs)
-            # One transpose at the input for NCHW, none for NHWC.
-            transposes = [op for op in sess.graph.get_operations() if op.type == "Transpose"
-                          and not op.name.startswith("gradients")]
-            assert len(transposes) == (1 if fmt == "NCHW" else 0)
             results[fmt] = sess.run([t.loss, t.logits], {t.training: True})
     tol = 1e-4 if precision == "fp32" else 5e-2
     np.testing.assert_allclose(results["NCHW"][0], results["NHWC"][0], rtol=tol, atol=tol)
+
+
+def test_a_setting_without_a_kernel_is_refused_with_the_reason_and_the_alternative(
+        monkeypatch):
+    missing = "The Conv2D op currently only supports the NHWC tensor format on the CPU."
+    monkeypatch.setattr(graph, "kernel_problem",
+                        lambda fmt, precision, xla=False: missing if fmt == "NCHW" else None)
+    with pytest.raises(UserError) as info:
+        graph.check_runnable("fp32", "NCHW", False)
+    message = str(info.value)
+    assert "--data-format NCHW" in message and missing in message
+    assert "use --data-format NHWC" in message and "\n" not in message
+    graph.check_runnable("fp32", "NHWC", False)       # the alternative passes
+    monkeypatch.setattr(graph, "kernel_problem",
+                        lambda fmt, precision, xla=False: "no XLA here" if xla else None)
+    with pytest.raises(UserError, match="drop --xla"):
+        graph.check_runnable("fp32", "NHWC", True)
+
+
+def test_the_kernel_probe_answers_for_the_baseline_and_gives_a_reason_otherwise():
+    assert runtime.kernel_problem("NHWC", "fp32") is None
+    for fmt in ("NHWC", "NCHW"):
+        problem = runtime.kernel_problem(fmt, "fp32", False)
+        assert problem is None or (isinstance(problem, str) and problem
+                                   and not problem.startswith("Graph execution error"))
 
 
 def test_auto_precision_and_layout_per_device():
@@ -145,6 +197,7 @@ def test_no_needless_casts_or_transposes_in_the_step(precision):
 
 
 def test_xla_step_runs_and_agrees_with_the_plain_step():
+    _needs_kernel("NHWC", "fp32", xla=True)
     losses = []
     for xla in (False, True):
         cfg = TrainConfig(depth=8, batch_size=4, xla=xla, optimizer="momentum", lr=1e-3)
