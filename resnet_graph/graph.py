@@ -218,7 +218,9 @@ def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
     with tf1.variable_scope(MODEL_SCOPE):
         logits = models.build_logits(cfg.model, x, training, depth=cfg.depth,
                                      data_format=data_format, bn_momentum=cfg.bn_momentum,
-                                     bn_epsilon=cfg.bn_epsilon)
+                                     bn_epsilon=cfg.bn_epsilon, init=cfg.init,
+                                     stride_padding=cfg.stride_padding,
+                                     zero_init_residual=cfg.zero_init_residual)
     logits = tf.identity(tf.cast(logits, tf.float32), name="logits")
     example_loss = tf.identity(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits),
