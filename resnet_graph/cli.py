@@ -142,6 +142,23 @@ RECIPE_OPTIONS = [
                  help="Training images held out for validation [recipe; 10000]."),
     click.option("--train-examples", type=int, callback=_positive,
                  help="Use only the first N of the remaining training images."),
+    click.option("--init", type=click.Choice(["he", "glorot"]),
+                 help="Kernel initialisation of every convolution and the dense layer: he "
+                      "(normal, variance 2/fan_in, He et al. 2015b) or glorot (uniform) "
+                      "[recipe; glorot]."),
+    click.option("--stride-padding", type=click.Choice(["symmetric", "same"]),
+                 help="Padding of the stride-2 convolutions: symmetric (1 pixel on every "
+                      "side, centred on the pixels the shortcut keeps; Caffe/Torch) or same "
+                      "(TensorFlow's SAME: 0 on top/left, 1 at the bottom/right) "
+                      "[recipe; same]."),
+    click.option("--zero-init-residual/--no-zero-init-residual", default=None,
+                 help="Start every residual branch at zero: gamma 0 in the branch's last "
+                      "batch norm (original), the last convolution's kernel 0 (preact); "
+                      "refused for plain [recipe; off]."),
+    click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True),
+                 help="Exponential moving average of the weights (and batch-norm "
+                      "statistics) with this decay, used for validation, test, eval, "
+                      "predict and export; 0 = off [recipe; 0]."),
     PRECISION, DATA_FORMAT, XLA, DATA_DIR,
     click.option("--deterministic/--no-deterministic", default=None,
                  help="TensorFlow's op determinism: the same seed gives the same history on "
@@ -473,12 +490,16 @@ def recipes(as_json):
     if as_json:
         click.echo(json.dumps(table))
         return
+    from .config import RECIPE_NOTES
     keys = list(next(iter(table.values())))
     width = max(map(len, keys))
     click.echo(" " * width + "".join(f"  {name:<14}" for name in table))
     for key in keys:
         cells = "".join(f"  {_cell(table[name][key]):<14}" for name in table)
         click.echo(f"{key:<{width}}{cells}")
+    click.echo("")
+    for name in table:
+        click.echo(f"{name}: {RECIPE_NOTES.get(name, '')}")
 
 
 @cli.command()

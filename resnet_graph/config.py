@@ -21,6 +21,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DATA_FORMATS = ("auto", "NHWC", "NCHW")
 OPTIMIZERS = ("adam", "momentum")
 LR_SCHEDULES = ("constant", "step", "cosine")
+INITS = ("glorot", "he")
+STRIDE_PADDINGS = ("same", "symmetric")
 CONFIG_FILE = "config.json"
 
 
@@ -53,6 +55,15 @@ class TrainConfig:
     dense kernels: loss += wd * sum(w**2) / 2, so the gradient gains wd * w,
     which is what the paper's "weight decay 1e-4" means for SGD; sizes are
     images.
+
+    Every option added after the first runs defaults to the old behaviour, so
+    a config.json written before it rebuilds the model it trained: ``init``
+    (``glorot``: Glorot-uniform kernels; ``he``: normal with variance
+    2 / fan_in, He et al. 2015b), ``stride_padding`` (``same``: TensorFlow's
+    SAME padding of the stride-2 convolutions, 0 rows before and 1 after;
+    ``symmetric``: 1 on every side, as Caffe and Torch, so that output pixel i
+    is centred on input pixel 2i, the pixel the option-A shortcut keeps),
+    ``zero_init_residual`` (off) and ``ema_decay`` (0: no averaged weights).
     """
 
     model: str = "original"
@@ -81,6 +92,10 @@ class TrainConfig:
     deterministic: bool = False     # TensorFlow's op determinism (same seed -> same history)
     bn_momentum: float = 0.9        # moving-average decay of batch norm
     bn_epsilon: float = 1e-5
+    init: str = "glorot"            # kernels: glorot (uniform) or he (normal, var 2/fan_in)
+    stride_padding: str = "same"    # stride-2 convolutions: same (TF) or symmetric (1 each side)
+    zero_init_residual: bool = False  # residual branches start at zero (see models.py)
+    ema_decay: float = 0.0          # moving average of the weights for evaluation; 0 = off
     name: str = ""                  # run name; default "<model>-<depth>"
 
     def __post_init__(self):
@@ -105,10 +120,20 @@ class TrainConfig:
             raise ValueError(f"warmup-epochs must be 0 or more, got {self.warmup_epochs}")
         if self.weight_decay < 0:
             raise ValueError(f"weight-decay must be 0 or more, got {self.weight_decay}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema-decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         for key, allowed in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS),
-                             ("data_format", DATA_FORMATS), ("lr_schedule", LR_SCHEDULES)):
+                             ("data_format", DATA_FORMATS), ("lr_schedule", LR_SCHEDULES),
+                             ("init", INITS), ("stride_padding", STRIDE_PADDINGS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.zero_init_residual and self.model == "plain":
+            # A plain block has no shortcut: a zero gamma in its last batch norm would
+            # make the block output ReLU(0) = 0 everywhere, and ReLU passes no gradient
+            # at 0, so the network could never start learning.
+            raise ValueError("zero-init-residual needs residual branches (original or preact); "
+                             "plain has no shortcut, so a zero last batch norm would cut the "
+                             "network off (output and gradient 0)")
 
     @property
     def blocks_per_stage(self) -> int:
@@ -138,26 +163,49 @@ class TrainConfig:
 # but each recipe spells out the whole optimisation set-up for readability.
 RECIPES = {
     # The write-up: Adam, lr 0.005, 50 epochs, batch 100, no augmentation,
-    # no weight decay, 10k of the 50k training images for validation.
+    # no weight decay, 10k of the 50k training images for validation; its
+    # network was built with Keras' defaults: Glorot-uniform kernels and SAME
+    # padding in the stride-2 convolutions.
     "seed": dict(optimizer="adam", lr=0.005, epochs=50, batch_size=100,
                  weight_decay=0.0, augment=False, valid_size=10000,
-                 lr_schedule="constant", lr_boundaries=()),
-    # He et al. 2016 (CIFAR-10, Sec. 4.2): SGD momentum 0.9, lr 0.1 divided by
-    # 10 at 32k and 48k iterations, stop at 64k, batch 128, weight decay 1e-4,
-    # pad+crop+flip, 45k/5k split. 45,000 // 128 = 351 steps per epoch, so
-    # 182 epochs = 63,882 iterations, the nearest whole epoch to 64k.
+                 lr_schedule="constant", lr_boundaries=(),
+                 init="glorot", stride_padding="same", zero_init_residual=False,
+                 ema_decay=0.0),
+    # The schedule of He et al. 2015, Sec. 4.2 (CIFAR-10), which He et al. 2016
+    # reuse: SGD momentum 0.9, lr 0.1 divided by 10 at 32k and 48k iterations,
+    # stop at 64k, batch 128, weight decay 1e-4, pad+crop+flip, He
+    # initialisation (2015b) and convolutions padded 1 on every side (Caffe).
+    # The paper chose that schedule on a 45k/5k split and then trained on all
+    # 50,000 images for its 92.49% (ResNet-32); this recipe holds out 5,000
+    # images for validation: 45,000 // 128 = 351 steps per epoch, so 182 epochs
+    # = 63,882 iterations, the nearest whole epoch to 64k. The paper's protocol
+    # is --valid-size 0 --epochs 164 (390 steps per epoch, 63,960 iterations).
     "he2016": dict(optimizer="momentum", momentum=0.9, lr=0.1, epochs=182,
                    batch_size=128, weight_decay=1e-4, augment=True,
                    valid_size=5000, lr_schedule="step",
-                   lr_boundaries=(32000, 48000), lr_decay=0.1),
+                   lr_boundaries=(32000, 48000), lr_decay=0.1,
+                   init="he", stride_padding="symmetric", zero_init_residual=False,
+                   ema_decay=0.0),
     # A CPU budget of about an hour (docs/results.md gives the reasons and the
     # measurements): Nesterov SGD, peak lr 0.1 after a 2-epoch linear warm-up,
     # cosine to 0, batch 128, weight decay 5e-4, label smoothing 0.1,
-    # pad+crop+flip, 45k/5k split, 30 epochs.
+    # pad+crop+flip, 45k/5k split, 30 epochs. Initialisation, padding,
+    # zero-init and weight averaging as the runs measured so far (the ablation
+    # of bench/ablation.sh is to decide them).
     "fast": dict(optimizer="momentum", momentum=0.9, nesterov=True, lr=0.1, epochs=30,
                  batch_size=128, weight_decay=5e-4, augment=True, valid_size=5000,
                  lr_schedule="cosine", warmup_epochs=2.0, label_smoothing=0.1,
-                 lr_boundaries=()),
+                 lr_boundaries=(), init="glorot", stride_padding="same",
+                 zero_init_residual=False, ema_decay=0.0),
+}
+
+# One line per recipe for `resnet-graph recipes` (people; --json prints only the values).
+RECIPE_NOTES = {
+    "seed": "the write-up: Adam 0.005, 50 epochs, no augmentation, Glorot init, SAME padding",
+    "he2016": "the schedule of He et al. 2015 Sec. 4.2 (reused by He et al. 2016), He init, "
+              "symmetric padding; holds out 5,000 images for validation, where the paper's "
+              "92.49% (ResNet-32) trained on all 50,000: --valid-size 0 --epochs 164 for that",
+    "fast": "about an hour on a CPU with bf16 units: Nesterov, warm-up + cosine, 30 epochs",
 }
 
 

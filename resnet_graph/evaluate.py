@@ -20,7 +20,8 @@ import tensorflow as tf
 from . import checkpoint, data
 from .config import TrainConfig
 from .errors import DataError
-from .graph import attach_model, gpu_available, resolve_data_format, session_config
+from .graph import (attach_model, gpu_available, resolve_data_format, restore_variables,
+                    session_config)
 
 tf1 = tf.compat.v1
 
@@ -105,6 +106,10 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
     defaults to the run's (fp16 only where a GPU runs it). ``images_from()``,
     when given, returns ``(front, uint8_images)``: a front-end input whose uint8 images become the
     default of the ``images`` placeholder (``front`` is yielded).
+
+    A run trained with ``ema_decay`` restores its averaged weights and batch-norm
+    statistics into the model (``graph.restore_variables``), so eval, predict and
+    export all use them.
     """
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
@@ -122,7 +127,7 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
         tensors = attach_model(cfg, norm["mean"], norm["std"], images=images, labels=labels,
                                precision=precision,
                                data_format=resolve_data_format("auto", precision=precision))
-        saver = tf1.train.Saver(tf1.global_variables())
+        saver = tf1.train.Saver(restore_variables(cfg))
         with tf1.Session(graph=g, config=session_config()) as sess:
             checkpoint.restore(sess, saver, prefix)
             yield sess, tensors, front

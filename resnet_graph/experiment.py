@@ -45,8 +45,11 @@ def plan(base: TrainConfig, models: Sequence[str], seeds: Sequence[int]) -> list
     names = [canonical_model(m) for m in models]
     if len(set(names)) != len(names) or len(set(seeds)) != len(seeds):
         raise UserError("each model and each seed may be named once")
-    return [base.replace(model=m, seed=s, name=run_name(m, base.depth, s))
-            for m in names for s in seeds]
+    try:
+        return [base.replace(model=m, seed=s, name=run_name(m, base.depth, s))
+                for m in names for s in seeds]
+    except ValueError as e:   # an option that one of the models refuses
+        raise UserError(str(e)) from None
 
 
 def run_state(out: pathlib.Path, cfg: TrainConfig) -> str:

@@ -33,6 +33,12 @@ without loss scaling it is ``global_step`` itself). A run resumed after any
 number of skips continues with the batch, the rate and the augmentation an
 uninterrupted run would have used.
 
+With ``cfg.ema_decay`` the train op also updates an exponential moving average
+of the weights (:func:`average_weights`), and evaluation during training runs
+a second copy of the network that reads the averages
+(``TrainTensors.evaluation``, names under ``averaged/``); ``eval``, ``predict``
+and ``export`` restore the averages into the model (:func:`restore_variables`).
+
 Training data lives in the graph as local (never checkpointed) variables,
 loaded once per run: a step only feeds the index of its batch, and the batch,
 its augmentation and its normalisation are computed by TensorFlow.
@@ -60,6 +66,10 @@ COMPUTE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
 INITIAL_LOSS_SCALE = 2.0 ** 15
 MAX_LOSS_SCALE = 2.0 ** 24
 LOSS_SCALE_GROWTH_STEPS = 2000
+# The weight average's name: the shadow of variable v is "<v.op.name>/<EMA_NAME>"
+# in the checkpoint (TensorFlow's default name).
+EMA_NAME = "ExponentialMovingAverage"
+AVERAGED_SCOPE = "averaged"
 
 
 def gpu_available() -> bool:
@@ -232,6 +242,14 @@ class TrainTensors(ModelTensors):
     set_permutation: tf.Operation = None
     loss_scale: Optional[tf.Variable] = None
     skipped_steps: Optional[tf.Variable] = None
+    ema: Optional[tf1.train.ExponentialMovingAverage] = None   # --ema-decay runs
+    averaged: Optional[ModelTensors] = None   # the network on the averaged weights
+
+    @property
+    def evaluation(self) -> ModelTensors:
+        """What validation and test evaluate: the averaged weights of an EMA run,
+        else the model as it trains."""
+        return self.averaged if self.averaged is not None else self
 
 
 def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
@@ -255,7 +273,9 @@ def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
     with tf1.variable_scope(MODEL_SCOPE):
         logits = models.build_logits(cfg.model, x, training, depth=cfg.depth,
                                      data_format=data_format, bn_momentum=cfg.bn_momentum,
-                                     bn_epsilon=cfg.bn_epsilon)
+                                     bn_epsilon=cfg.bn_epsilon, init=cfg.init,
+                                     stride_padding=cfg.stride_padding,
+                                     zero_init_residual=cfg.zero_init_residual)
     logits = tf.identity(tf.cast(logits, tf.float32), name="logits")
     example_loss = tf.identity(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits),
@@ -277,6 +297,77 @@ def weight_decay_loss(cfg: TrainConfig):
     if not cfg.weight_decay or not kernels:
         return tf.constant(0.0)
     return cfg.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
+
+
+def averaged_variables():
+    """What the weight average covers: the model's trainable variables and its
+    batch-norm moving statistics (collection MOVING_AVERAGE_VARIABLES, ops.py).
+
+    These are exactly the variables ``ExponentialMovingAverage.variables_to_restore``
+    maps to averages, so the eval graph's Saver finds a shadow for each. The
+    statistics are averaged as well so that they belong to the averaged weights
+    (as in TF-slim's training script and timm's ModelEma) rather than to the
+    weights of the last steps.
+    """
+    trainable = tf1.trainable_variables(MODEL_SCOPE)
+    seen = {v.ref() for v in trainable}
+    stats = [v for v in tf1.get_collection(tf1.GraphKeys.MOVING_AVERAGE_VARIABLES, MODEL_SCOPE)
+             if v.ref() not in seen]
+    return trainable + stats
+
+
+def average_weights(cfg: TrainConfig, train_op, global_step):
+    """With ``cfg.ema_decay``: a train op that, after ``train_op``'s update (a
+    control dependency), moves every shadow variable towards its variable.
+
+    ``shadow -= (1 - d) * (shadow - variable)`` with d = min(ema_decay,
+    (1 + step) / (10 + step)), TensorFlow's ``num_updates`` warm-up, so the
+    early averages are not dominated by the initial weights. The shadows start
+    at the initial values, are global variables (checkpointed and restored on
+    --resume) and are named ``<variable>/ExponentialMovingAverage``. Training
+    goes on with the raw weights. Returns (train_op, ema or None).
+
+    With fp16 a step that loss scaling skips still runs the average, which
+    then moves its shadows towards the unchanged weights (``num_updates``
+    stays, so the decay does too): a small pull, not a wrong value.
+    """
+    if not cfg.ema_decay:
+        return train_op, None
+    ema = tf1.train.ExponentialMovingAverage(cfg.ema_decay, num_updates=global_step,
+                                             name=EMA_NAME)
+    variables = averaged_variables()
+    with tf.control_dependencies([train_op]):
+        update = ema.apply(variables)
+    return tf.group(update), ema
+
+
+def attach_averaged_model(cfg: TrainConfig, mean, std, ema, *, precision, data_format):
+    """A second copy of the network, in inference mode, reading the shadow
+    variables of ``ema`` instead of the weights; its tensors are named under
+    ``averaged/`` (``averaged/images:0``, ``averaged/logits:0``, ...)."""
+    def shadow(getter, name, *args, **kwargs):
+        var = getter(name, *args, **kwargs)
+        average = ema.average(var)
+        return var if average is None else average
+
+    pending = tf1.get_collection_ref(ops.STATISTICS_UPDATES)
+    before = len(pending)
+    with tf1.variable_scope(tf1.get_variable_scope(), reuse=True, custom_getter=shadow), \
+            tf1.name_scope(AVERAGED_SCOPE):
+        averaged = attach_model(cfg, mean, std, precision=precision, data_format=data_format)
+    # Its batch norms recorded updates of the shadow statistics; nothing may run
+    # them (they would be no-ops in inference mode anyway): drop them.
+    del pending[before:]
+    return averaged
+
+
+def restore_variables(cfg: TrainConfig):
+    """The Saver ``var_list`` that loads a run's checkpoint into an eval graph
+    built in the default graph: the averaged weights and statistics of an
+    ``ema_decay`` run (``variables_to_restore``), else the variables as saved."""
+    if not cfg.ema_decay:
+        return tf1.global_variables()
+    return tf1.train.ExponentialMovingAverage(cfg.ema_decay, name=EMA_NAME).variables_to_restore()
 
 
 def training_loss(cfg: TrainConfig, t: "ModelTensors"):
@@ -430,8 +521,14 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         statistics = tf1.get_collection(ops.STATISTICS_UPDATES, scope=MODEL_SCOPE)
         train_op = _minimize(optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE),
                              global_step, scaling, statistics)
-    return _train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
-                          step_loss=t.loss, step_accuracy=t.accuracy)
+    train_op, ema = average_weights(cfg, train_op, global_step)
+    tensors = _train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
+                             step_loss=t.loss, step_accuracy=t.accuracy)
+    if ema is not None:
+        tensors.ema = ema
+        tensors.averaged = attach_averaged_model(cfg, mean, std, ema, precision=precision,
+                                                 data_format=data_format)
+    return tensors
 
 
 @dataclasses.dataclass
@@ -616,9 +713,17 @@ def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, prec
         with tf.device(device_prefix + variables_device):
             train_op = _minimize(optimizer, losses[0], var_list, global_step, scaling, statistics,
                                  compute=compute)
+    with tf.device(device_prefix + variables_device):
+        train_op, ema = average_weights(cfg, train_op, global_step)
     with tf.device(device_prefix or None):
-        return _train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
-                              step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])
+        tensors = _train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
+                                 step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])
+    if ema is not None:
+        tensors.ema = ema
+        with tf1.device(places[0]):
+            tensors.averaged = attach_averaged_model(cfg, mean, std, ema, precision=precision,
+                                                     data_format=data_format)
+    return tensors
 
 
 def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",

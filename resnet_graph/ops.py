@@ -26,22 +26,58 @@ def spatial_axes(data_format: str):
     return (1, 2) if data_format == "NHWC" else (2, 3)
 
 
-def conv2d(x, filters, kernel_size=3, strides=1, *, data_format, name):
-    """Convolution with 'SAME' padding, Glorot-uniform kernel and no bias.
+def kernel_initializer(init: str = "glorot"):
+    """``glorot``: Glorot-uniform (limit sqrt(6 / (fan_in + fan_out))); ``he``: the
+    normal distribution of He et al. 2015b, mean 0 and variance 2 / fan_in
+    (untruncated, as the paper draws it). fan_in is k * k * in_channels for a
+    convolution and the input width for a dense layer."""
+    if init == "glorot":
+        return tf1.glorot_uniform_initializer()
+    if init == "he":
+        return tf1.variance_scaling_initializer(scale=2.0, mode="fan_in",
+                                                distribution="untruncated_normal")
+    raise ValueError(f"init must be glorot or he, got {init!r}")
+
+
+def conv2d(x, filters, kernel_size=3, strides=1, *, data_format, name, init="glorot",
+           stride_padding="same", zero_init=False):
+    """Convolution without bias; kernel from :func:`kernel_initializer` (or zeros
+    with ``zero_init``).
+
+    Stride 1 uses 'SAME' padding ((k - 1) / 2 on every side). A strided
+    convolution depends on ``stride_padding``: ``same`` is TensorFlow's 'SAME',
+    which for k = 3, stride 2 and an even input pads 0 rows on top and 1 at the
+    bottom (0 columns left, 1 right), so output pixel i is centred on input
+    pixel 2i + 1; ``symmetric`` pads (k - 1) / 2 on every side explicitly and
+    runs 'VALID' (Caffe, Torch, TensorFlow's official ResNet), so output pixel i
+    is centred on input pixel 2i, the one the option-A shortcut keeps.
 
     There is no bias because every convolution here feeds a batch norm, whose
     offset makes a bias redundant.
     """
     in_channels = x.shape[channel_axis(data_format)]
+    initializer = tf1.zeros_initializer() if zero_init else kernel_initializer(init)
     with tf1.variable_scope(name):
         kernel = tf1.get_variable(
             "kernel", [kernel_size, kernel_size, in_channels, filters], tf.float32,
-            initializer=tf1.glorot_uniform_initializer())
+            initializer=initializer)
+        padding = "SAME"
+        if strides > 1 and stride_padding == "symmetric":
+            before = (kernel_size - 1) // 2
+            after = kernel_size - 1 - before
+            pad = [[0, 0]] * 4
+            for axis in spatial_axes(data_format):
+                pad[axis] = [before, after]
+            x = tf.pad(x, pad)
+            padding = "VALID"
+        elif stride_padding not in ("same", "symmetric"):
+            raise ValueError(f"stride_padding must be same or symmetric, got {stride_padding!r}")
         return tf.nn.conv2d(x, tf.cast(kernel, x.dtype), strides=strides,
-                            padding="SAME", data_format=data_format)
+                            padding=padding, data_format=data_format)
 
 
-def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5):
+def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5,
+               zero_gamma=False):
     """Fused batch normalisation with moving averages.
 
     While training it normalises with the batch's statistics and records two
@@ -52,10 +88,12 @@ def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5):
     ``graph.py``). Otherwise it normalises with the moving
     averages, so an image's output does not depend on the rest of its batch.
     Scale, offset and statistics stay float32 whatever the input dtype.
+    ``zero_gamma`` starts the scale at 0 instead of 1 (Goyal et al. 2017).
     """
     channels = x.shape[channel_axis(data_format)]
     with tf1.variable_scope(name):
-        gamma = tf1.get_variable("gamma", [channels], tf.float32, tf1.ones_initializer())
+        gamma = tf1.get_variable("gamma", [channels], tf.float32,
+                                 tf1.zeros_initializer() if zero_gamma else tf1.ones_initializer())
         beta = tf1.get_variable("beta", [channels], tf.float32, tf1.zeros_initializer())
         stat_collections = [tf1.GraphKeys.GLOBAL_VARIABLES, tf1.GraphKeys.MOVING_AVERAGE_VARIABLES]
         moving_mean = tf1.get_variable(
@@ -135,11 +173,11 @@ def moving_statistics_updates(updates, deltas=None, gate=None):
     return ops_
 
 
-def dense(x, units, *, name):
-    """Fully connected layer with Glorot-uniform kernel and zero bias."""
+def dense(x, units, *, name, init="glorot"):
+    """Fully connected layer with a :func:`kernel_initializer` kernel and zero bias."""
     with tf1.variable_scope(name):
         kernel = tf1.get_variable("kernel", [x.shape[-1], units], tf.float32,
-                                  initializer=tf1.glorot_uniform_initializer())
+                                  initializer=kernel_initializer(init))
         bias = tf1.get_variable("bias", [units], tf.float32, tf1.zeros_initializer())
         return tf.nn.bias_add(tf.matmul(x, tf.cast(kernel, x.dtype)), tf.cast(bias, x.dtype))
 

@@ -327,7 +327,7 @@ class Trainer:
     def after_epoch(self, epoch: int, row: dict):
         start = row.pop("_start")
         if len(self.dataset.valid):
-            valid = evaluate(self.sess, self.t, self.dataset.valid,
+            valid = evaluate(self.sess, self.t.evaluation, self.dataset.valid,
                              batch_size=self.eval_batch_size, name="valid")
             row.update(valid_loss=valid.loss, valid_acc=valid.accuracy)
         else:
@@ -349,8 +349,9 @@ class Trainer:
                  f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_sec']:.0f} img/s")
 
     def after_train(self):
-        """Test metrics of the final model and, when it differs, of the best-validation one."""
-        test = evaluate(self.sess, self.t, self.dataset.test,
+        """Test metrics of the final model and, when it differs, of the best-validation one
+        (of their averaged weights in an ``ema_decay`` run, as every evaluation)."""
+        test = evaluate(self.sess, self.t.evaluation, self.dataset.test,
                         batch_size=self.eval_batch_size, name="test")
         attrs = {"test_loss": test.loss, "test_acc": test.accuracy}
         self.result = test
@@ -361,7 +362,7 @@ class Trainer:
                 # The latest checkpoint is on disk; the session's weights are free to go.
                 checkpoint.restore(self.sess, self.best_saver,
                                    checkpoint.require_latest(self.run_dir, best=True))
-                best = evaluate(self.sess, self.t, self.dataset.test,
+                best = evaluate(self.sess, self.t.evaluation, self.dataset.test,
                                 batch_size=self.eval_batch_size, name="test")
                 self.log(f"best validation epoch {self.best_epoch}: test loss {best.loss:.4f} "
                          f"acc {best.accuracy:.4f}")

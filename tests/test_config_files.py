@@ -91,3 +91,33 @@ def test_deterministic_runs_give_identical_histories(tiny_data_dir, tmp_path):
         assert a.columns[field].tolist() == b.columns[field].tolist()   # bit for bit
     assert a.attrs["test_loss"] == b.attrs["test_loss"]
     assert a.attrs["config"]["deterministic"] is True
+
+
+def test_the_new_block_options_through_the_cli_and_a_config_file(tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    path = tmp_path / "blocks.yaml"
+    path.write_text("init: he\nstride-padding: symmetric\nema_decay: 0.5\n")
+    result = invoke("train", "preact", "--config", path, "--zero-init-residual", "--ema-decay",
+                    "0.9", *TINY, "--data-dir", tiny_data_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    cfg = saved_config(out, "preact-8")
+    assert (cfg["init"], cfg["stride_padding"], cfg["zero_init_residual"], cfg["ema_decay"]) == (
+        "he", "symmetric", True, 0.9)                     # the typed --ema-decay wins
+    # he2016 brings he + symmetric; the flags override it.
+    result = invoke("train", "original", "--recipe", "he2016", "--stride-padding", "same",
+                    *TINY, "--data-dir", tiny_data_dir, "--out", out)
+    assert result.exit_code == 0, result.output
+    cfg = saved_config(out, "original-8")
+    assert (cfg["init"], cfg["stride_padding"], cfg["zero_init_residual"], cfg["ema_decay"]) == (
+        "he", "same", False, 0.0)
+
+
+@pytest.mark.parametrize("command", ["train", "experiment"])
+def test_zero_init_residual_is_refused_for_plain(tiny_data_dir, tmp_path, command):
+    args = ["train", "plain"] if command == "train" else ["experiment", "--models",
+                                                          "original,plain"]
+    result = CliRunner().invoke(cli, [*args, "--zero-init-residual", *TINY, "--data-dir",
+                                      str(tiny_data_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code in (1, 2)
+    assert "plain has no shortcut" in result.output
+    assert not (tmp_path / "out" / "original-8-s0").exists()

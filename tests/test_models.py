@@ -144,3 +144,184 @@ def test_two_models_live_in_one_graph():
         names = [v.op.name for v in tf1.global_variables()]
     assert any(n.startswith("a/") for n in names) and any(n.startswith("b/") for n in names)
     assert len(names) == len(set(names))
+
+
+# -- issue 17: initialisation, stride-2 padding, zero-initialised residual branches ------------
+def _initial_variables(cfg):
+    """Name -> initial value of every model variable of ``cfg``'s inference graph."""
+    g = tf.Graph()
+    with g.as_default():
+        build_eval_graph(cfg, (0,) * 3, (1,) * 3)
+        variables = tf1.global_variables(MODEL_SCOPE)
+        init = tf1.global_variables_initializer()
+        with tf1.Session(graph=g) as sess:
+            sess.run(init)
+            return dict(zip([v.op.name for v in variables], sess.run(variables)))
+
+
+def _kernels(values):
+    return {n: v for n, v in values.items() if n.endswith("/kernel")}
+
+
+def test_he_init_draws_kernels_with_variance_2_over_fan_in():
+    values = _kernels(_initial_variables(TrainConfig(depth=20, init="he")))
+    assert len(values) == 20   # 19 convolutions and the dense layer
+    for name, w in values.items():
+        fan_in = int(np.prod(w.shape[:-1]))
+        expected = 2.0 / fan_in
+        # The sample variance of N normal draws has a relative standard error of
+        # sqrt(2 / (N - 1)); allow 5 of them (the stem's 432 weights: 34%).
+        tolerance = 5 * np.sqrt(2.0 / (w.size - 1))
+        assert abs(w.var() / expected - 1) < tolerance, (name, w.var(), expected)
+        assert abs(w.mean()) < 5 * np.sqrt(expected / w.size), name
+    # Untruncated: a truncated normal (TensorFlow's "normal") has nothing beyond 2 sigma.
+    big = values["model/stage3/block3/conv2/kernel"]
+    assert np.mean(np.abs(big) > 2 * np.sqrt(2.0 / (9 * 64))) > 0.03
+
+
+def test_glorot_stays_the_default_initialisation():
+    values = _kernels(_initial_variables(TrainConfig(depth=8)))
+    for name, w in values.items():
+        fan_in, fan_out = int(np.prod(w.shape[:-1])), int(np.prod(w.shape[:-2])) * w.shape[-1]
+        limit = np.sqrt(6.0 / (fan_in + fan_out))
+        assert np.abs(w).max() <= limit, name
+        assert abs(w.var() / (limit ** 2 / 3) - 1) < 5 * np.sqrt(2.0 / (w.size - 1)), name
+    assert TrainConfig().init == "glorot" and TrainConfig().stride_padding == "same"
+
+
+def _strided_delta_conv(x, stride_padding):
+    """A stride-2 3x3 convolution whose kernel passes each channel's centre pixel."""
+    channels = x.shape[-1]
+    delta = np.zeros((3, 3, channels, channels), np.float32)
+    delta[1, 1, np.arange(channels), np.arange(channels)] = 1.0
+    g = tf.Graph()
+    with g.as_default():
+        y = ops.conv2d(tf.constant(x), channels, 3, 2, data_format="NHWC", name="c",
+                       stride_padding=stride_padding)
+        shortcut = ops.shortcut_option_a(tf.constant(x), channels, 2, data_format="NHWC")
+        kernel = tf1.global_variables()[0]
+        with tf1.Session(graph=g) as sess:
+            sess.run(kernel.assign(delta))
+            return sess.run([y, shortcut])
+
+
+@pytest.mark.parametrize("size", [32, 16, 8])
+def test_symmetric_stride_2_picks_the_pixels_the_shortcut_keeps(size):
+    x = np.random.default_rng(size).normal(size=(2, size, size, 4)).astype(np.float32)
+    y, shortcut = _strided_delta_conv(x, "symmetric")
+    assert y.shape == shortcut.shape == (2, size // 2, size // 2, 4)
+    np.testing.assert_array_equal(y, shortcut)
+    np.testing.assert_array_equal(y, x[:, ::2, ::2, :])
+
+
+@pytest.mark.parametrize("size", [32, 16, 8])
+def test_same_stride_2_is_half_a_pixel_off_the_shortcut(size):
+    x = np.random.default_rng(size).normal(size=(2, size, size, 4)).astype(np.float32)
+    y, shortcut = _strided_delta_conv(x, "same")
+    assert y.shape == shortcut.shape
+    assert not np.allclose(y, shortcut)
+    # TensorFlow's SAME pads 0 rows on top and 1 at the bottom: centre 2i + 1.
+    np.testing.assert_array_equal(y, x[:, 1::2, 1::2, :])
+
+
+@pytest.mark.parametrize("stride_padding", ["symmetric", "same"])
+def test_nchw_stride_2_padding_in_the_graph(stride_padding):
+    """NCHW without running an NCHW convolution on the CPU: the graph's ops."""
+    g = tf.Graph()
+    with g.as_default():
+        x = tf1.placeholder(tf.float32, [None, 4, 32, 32])
+        y = ops.conv2d(x, 8, 3, 2, data_format="NCHW", name="s2", stride_padding=stride_padding)
+        ops.conv2d(x, 8, 3, 1, data_format="NCHW", name="s1", stride_padding=stride_padding)
+        assert y.shape.as_list() == [None, 8, 16, 16]
+        convs = {op.name.split("/")[0]: op for op in g.get_operations() if op.type == "Conv2D"}
+        pads = [op for op in g.get_operations() if op.type == "Pad"]
+        assert all(op.get_attr("data_format") == b"NCHW" for op in convs.values())
+        assert convs["s1"].get_attr("padding") == b"SAME"   # stride 1: symmetric already
+        if stride_padding == "same":
+            assert not pads and convs["s2"].get_attr("padding") == b"SAME"
+        else:
+            assert convs["s2"].get_attr("padding") == b"VALID"
+            assert len(pads) == 1 and pads[0].name.startswith("s2/")
+            assert pads[0].outputs[0] is convs["s2"].inputs[0]
+            paddings = tf.get_static_value(pads[0].inputs[1])
+            np.testing.assert_array_equal(paddings, [[0, 0], [0, 0], [1, 1], [1, 1]])
+
+
+@pytest.mark.parametrize("model", ["original", "preact", "plain"])
+@pytest.mark.parametrize("depth", [20, 32])
+def test_new_options_leave_the_parameters_unchanged(model, depth):
+    base = model_summary(TrainConfig(model=model, depth=depth))
+    changed = model_summary(TrainConfig(model=model, depth=depth, init="he",
+                                        stride_padding="symmetric", ema_decay=0.999,
+                                        zero_init_residual=model != "plain"))
+    assert changed == base
+    assert abs(base["params"] - PAPER_PARAMS[depth]) / PAPER_PARAMS[depth] < 0.02
+
+
+def test_zero_init_residual_zeroes_the_last_batch_norm_of_original_blocks():
+    values = _initial_variables(TrainConfig(model="original", depth=14, zero_init_residual=True))
+    gammas = {n: v for n, v in values.items() if n.endswith("/gamma")}
+    assert len(gammas) == 1 + 3 * 2 * 2
+    for name, gamma in gammas.items():
+        if name.endswith("/bn2/gamma"):
+            assert not gamma.any(), name
+        else:
+            assert (gamma == 1).all(), name
+    assert all(w.any() for w in _kernels(values).values())
+    default = _initial_variables(TrainConfig(model="original", depth=14))
+    assert all((v == 1).all() for n, v in default.items() if n.endswith("/gamma"))
+
+
+def test_zero_init_residual_zeroes_the_last_convolution_of_preact_blocks():
+    values = _initial_variables(TrainConfig(model="preact", depth=14, zero_init_residual=True))
+    for name, w in _kernels(values).items():
+        assert w.any() == (not name.endswith("/conv2/kernel")), name
+    assert sum(n.endswith("/conv2/kernel") for n in values) == 6
+    assert all((v == 1).all() for n, v in values.items() if n.endswith("/gamma"))
+
+
+def test_a_zero_gamma_in_front_of_relu_would_never_learn():
+    """Why preact zeroes its last kernel, not bn2's gamma: BN(gamma 0, beta 0) outputs
+    exactly 0, ReLU passes no gradient at 0, so gamma and beta get none either."""
+    g = tf.Graph()
+    with g.as_default():
+        x = tf.constant(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), tf.float32)
+        y = tf.nn.relu(ops.batch_norm(x, True, data_format="NHWC", name="bn", zero_gamma=True))
+        loss = tf.reduce_sum(ops.conv2d(y, 3, data_format="NHWC", name="conv") ** 2 + y)
+        variables = tf1.trainable_variables()
+        grads = tf.gradients(loss, variables)
+        with tf1.Session(graph=g) as sess:
+            sess.run(tf1.global_variables_initializer())
+            values = sess.run(grads)
+    assert all(not v.any() for v in values)
+
+
+@pytest.mark.parametrize("model, moved", [("original", "stage1/block1/bn2/gamma"),
+                                          ("preact", "stage1/block1/conv2/kernel")])
+def test_zero_initialised_branches_start_as_the_identity_and_learn(model, moved):
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 8).astype(np.int32)
+    cfg = TrainConfig(model=model, depth=8, batch_size=8, optimizer="momentum", lr=0.1,
+                      zero_init_residual=True)
+    g = tf.Graph()
+    with g.as_default():
+        t = build_train_graph(cfg, (120,) * 3, (60,) * 3, 8)
+        init = tf1.global_variables_initializer()
+        var = [v for v in tf1.global_variables() if v.op.name == f"{MODEL_SCOPE}/{moved}"][0]
+        block = g.get_tensor_by_name(f"{MODEL_SCOPE}/stage1/block1/add:0")
+        shortcut_in = g.get_tensor_by_name(f"{MODEL_SCOPE}/stem/Relu:0")
+    with tf1.Session(graph=g) as sess:
+        sess.run(init)
+        sess.run(t.load_data, {t.data_images: images, t.data_labels: labels})
+        out, identity = sess.run([block, shortcut_in], {t.training: True})
+        np.testing.assert_allclose(out, identity, atol=1e-6)   # branch + shortcut = shortcut
+        assert not sess.run(var).any()
+        for _ in range(2):
+            sess.run(t.train_op, {t.training: True})
+        assert sess.run(var).any()
+
+
+def test_zero_init_residual_is_refused_for_plain():
+    with pytest.raises(ValueError, match="plain has no shortcut"):
+        TrainConfig(model="plain", zero_init_residual=True)

@@ -62,12 +62,20 @@ def test_the_recipes_keep_the_specified_values():
     assert (fast.optimizer, fast.nesterov, fast.lr_schedule, fast.label_smoothing,
             fast.augment) == ("momentum", True, "cosine", 0.1, True)
     assert set(RECIPES) == {"seed", "he2016", "fast"}
+    blocks = ("init", "stride_padding", "zero_init_residual", "ema_decay")
+    assert [getattr(seed, k) for k in blocks] == ["glorot", "same", False, 0.0]
+    assert [getattr(he, k) for k in blocks] == ["he", "symmetric", False, 0.0]
+    assert [getattr(fast, k) for k in blocks] == ["glorot", "same", False, 0.0]
+    assert he.valid_size == 5000   # the paper trained on all 50,000 (--valid-size 0)
     # An explicit option wins over the recipe.
     assert make_config("plain", "fast", epochs=3, label_smoothing=None).epochs == 3
 
 
 @pytest.mark.parametrize("bad", [dict(label_smoothing=1.0), dict(label_smoothing=-0.1),
-                                 dict(warmup_epochs=-1), dict(lr_schedule="linear")])
+                                 dict(warmup_epochs=-1), dict(lr_schedule="linear"),
+                                 dict(init="xavier"), dict(stride_padding="valid"),
+                                 dict(ema_decay=1.0), dict(ema_decay=-0.5),
+                                 dict(model="plain", zero_init_residual=True)])
 def test_bad_recipe_options_are_refused(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)

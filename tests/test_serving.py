@@ -188,6 +188,53 @@ def test_recipes_lists_every_recipe():
     assert table["fast"]["label_smoothing"] == 0.1
     text = invoke("recipes").output
     assert "lr_schedule" in text and "cosine" in text
+    # Issue 17: the blocks' options are recipe values too.
+    assert {k: table["seed"][k] for k in ("init", "stride_padding", "zero_init_residual",
+                                          "ema_decay")} == {
+        "init": "glorot", "stride_padding": "same", "zero_init_residual": False, "ema_decay": 0.0}
+    assert (table["he2016"]["init"], table["he2016"]["stride_padding"]) == ("he", "symmetric")
+    assert (table["fast"]["init"], table["fast"]["stride_padding"]) == ("glorot", "same")
+    he_line = [line for line in text.splitlines() if line.startswith("he2016:")][0]
+    assert "He et al. 2015 Sec. 4.2" in he_line and "50,000" in he_line and "5,000" in he_line
+    assert "--valid-size 0" in he_line
+
+
+def test_predict_and_export_of_an_ema_run_use_the_averaged_weights(run, tmp_path):
+    root, _, folder = run
+    result = invoke("train", "original", *TINY, "--ema-decay", "0.9", "--optimizer", "momentum",
+                    "--lr", "0.05", "--precision", "fp32", "--name", "ema", "--data-dir",
+                    folder, "--out", root / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    run_dir = root / "out" / "ema"
+    test = data.load_cifar10(folder, valid_size=50).test
+    # The model with every variable replaced by its checkpointed shadow, by hand.
+    reader = tf.train.load_checkpoint(str(tf.train.latest_checkpoint(str(run_dir))))
+    from resnet_graph.config import TrainConfig
+    from resnet_graph.graph import build_eval_graph
+    saved = json.loads((run_dir / "config.json").read_text())
+    g = tf.Graph()
+    with g.as_default():
+        t = build_eval_graph(TrainConfig.from_dict(saved), saved["normalization"]["mean"],
+                             saved["normalization"]["std"])
+        with tf.compat.v1.Session(graph=g) as sess:
+            for v in tf.compat.v1.global_variables():
+                v.load(reader.get_tensor(f"{v.op.name}/ExponentialMovingAverage"), sess)
+            expected = sess.run(t.logits, {t.images: test.images[:20]})
+            for v in tf.compat.v1.global_variables():
+                v.load(reader.get_tensor(v.op.name), sess)
+            raw = sess.run(t.logits, {t.images: test.images[:20]})
+    assert not np.allclose(raw, expected, atol=1e-3)   # the averages are not the raw weights
+    np.save(tmp_path / "batch.npy", test.images[:20])
+    predicted = json.loads(invoke("predict", "--ckpt", run_dir, tmp_path / "batch.npy", "--top",
+                                  "10", "--json").stdout)["predictions"]
+    probs = np.exp(expected) / np.exp(expected).sum(1, keepdims=True)
+    for p, row in zip(predicted, probs):
+        got = {c["class"]: c["probability"] for c in p["top"]}
+        np.testing.assert_allclose([got[n] for n in data.CLASS_NAMES], row, rtol=1e-4, atol=1e-6)
+    assert invoke("export", "--ckpt", run_dir, "--out", tmp_path / "saved").exit_code == 0
+    loaded = tf.saved_model.load(str(tmp_path / "saved"))
+    out = loaded.signatures["serving_default"](images=tf.constant(test.images[:20]))
+    np.testing.assert_allclose(out["logits"].numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_eval_plot_draws_the_confusion_matrix_and_examples(run, tmp_path):

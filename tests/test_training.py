@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet_graph import checkpoint, data, history
+from resnet_graph import checkpoint, data, history, ops
 from resnet_graph.config import TrainConfig
 from resnet_graph.errors import CheckpointError, UserError
 from resnet_graph.evaluate import evaluate_run
@@ -253,3 +253,156 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tiny_data_di
               quiet=True)
     run = history.read_run(tmp_path / "histories.h5", "original-8")
     assert list(run.columns["epoch"]) == [1, 2] and "test_acc" in run.attrs
+
+
+# -- issue 17: exponential moving average of the weights ---------------------------------------
+def _shadows(graph_or_names):
+    return [v for v in graph_or_names if v.op.name.endswith("/ExponentialMovingAverage")]
+
+
+def test_ema_update_runs_after_the_optimizer_update(tiny_data_dir):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    cfg = tiny_config(ema_decay=0.5, optimizer="momentum", lr=0.1)
+    sess, t = loaded_session(ds, cfg)
+    with sess, sess.graph.as_default():
+        kernel = [v for v in tf1.trainable_variables() if v.op.name == "model/dense/kernel"][0]
+        shadow = t.ema.average(kernel)
+        assert shadow.op.name == "model/dense/kernel/ExponentialMovingAverage"
+        w0, s0 = sess.run([kernel, shadow])
+        np.testing.assert_array_equal(s0, w0)          # shadows start at the initial weights
+        sess.run(t.train_op, {t.batch_index: 0, t.training: True})
+        w1, s1 = sess.run([kernel, shadow])
+    assert not np.allclose(w1, w0)
+    # decay at step 1: min(0.5, (1 + 1) / (10 + 1)); an average taken before the
+    # update would still equal w0.
+    d = min(0.5, 2 / 11)
+    np.testing.assert_allclose(s1, d * w0 + (1 - d) * w1, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_covers_weights_and_batch_norm_statistics(tiny_data_dir):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    g = tf.Graph()
+    with g.as_default():
+        build_train_graph(tiny_config(ema_decay=0.9), ds.mean, ds.std, len(ds.train))
+        model = tf1.trainable_variables("model") + [
+            v for v in tf1.global_variables("model") if v.op.name.endswith(
+                ("/moving_mean", "/moving_variance"))]
+        shadows = {v.op.name for v in _shadows(tf1.global_variables())}
+        # Nothing may move the shadows but the train op: no batch-norm update of the
+        # averaged copy is left in UPDATE_OPS, nor pending.
+        updates = tf1.get_collection(tf1.GraphKeys.UPDATE_OPS)
+        pending = tf1.get_collection(ops.STATISTICS_UPDATES)
+    assert shadows == {f"{v.op.name}/ExponentialMovingAverage" for v in model}
+    assert any("moving_mean" in n for n in shadows) and len(updates) == 2 * 7
+    assert not any(u.name.startswith("averaged/") for u in updates + pending)
+
+
+def _ema_run(tiny_data_dir, out, **kw):
+    # fp32: the manual evaluations below build fp32 graphs (auto may train in bf16).
+    cfg = tiny_config(ema_decay=0.9, optimizer="momentum", lr=0.05, precision="fp32", **kw)
+    return cfg, train_run(cfg, data_dir=tiny_data_dir, out=out, quiet=True)
+
+
+def _eval_with(run_dir, cfg, images, labels, averaged: bool, best: bool = False):
+    """Loss of the checkpoint restored by hand: raw variables or their shadows."""
+    saved = checkpoint.read_config(run_dir)
+    norm = saved["normalization"]
+    g = tf.Graph()
+    with g.as_default():
+        t = build_eval_graph(cfg, norm["mean"], norm["std"])
+        variables = tf1.global_variables()
+        names = {f"{v.op.name}/ExponentialMovingAverage" if averaged else v.op.name: v
+                 for v in variables}
+        saver = tf1.train.Saver(names)
+    with tf1.Session(graph=g) as sess:
+        checkpoint.restore(sess, saver, checkpoint.require_latest(run_dir, best=best))
+        return sess.run([t.loss, t.accuracy], {t.images: images, t.labels: labels})
+
+
+def test_an_ema_run_evaluates_its_averaged_weights(tiny_data_dir, tmp_path):
+    cfg, out = _ema_run(tiny_data_dir, tmp_path, epochs=3)
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    run = history.read_run(out["history"], cfg.name)
+    raw_loss, _ = _eval_with(out["run_dir"], cfg, ds.test.images, ds.test.labels, False)
+    ema_loss, ema_acc = _eval_with(out["run_dir"], cfg, ds.test.images, ds.test.labels, True)
+    assert abs(raw_loss - ema_loss) > 1e-3                  # the two weight sets differ
+    # Training's test metrics, eval --ckpt and the shadows restored by hand agree.
+    m = evaluate_run(out["run_dir"], split="test")
+    assert m.loss == pytest.approx(ema_loss, rel=1e-5)
+    assert m.loss == pytest.approx(run.attrs["test_loss"], rel=1e-5)
+    assert m.accuracy == pytest.approx(ema_acc, abs=1e-6)
+    assert m.accuracy == pytest.approx(run.attrs["test_acc"], abs=1e-12)
+    # So does the validation of each epoch (the last one checked).
+    valid = evaluate_run(out["run_dir"], split="valid")
+    assert valid.loss == pytest.approx(float(run.columns["valid_loss"][-1]), rel=1e-5)
+    assert valid.accuracy == pytest.approx(float(run.columns["valid_acc"][-1]))
+    # ... and the best-validation checkpoint.
+    best_loss, _ = _eval_with(out["run_dir"], cfg, ds.test.images, ds.test.labels, True,
+                              best=True)
+    best = evaluate_run(out["run_dir"], split="test", best=True)
+    assert best.loss == pytest.approx(best_loss, rel=1e-5)
+    assert best.accuracy == pytest.approx(run.attrs["best_test_acc"])
+    # The variables eval restores are the checkpoint's shadows.
+    from resnet_graph.evaluate import open_run
+    reader = tf.train.load_checkpoint(checkpoint.require_latest(out["run_dir"]))
+    with open_run(out["run_dir"]) as (sess, _, _):
+        for v in sess.graph.get_collection("variables"):
+            np.testing.assert_array_equal(
+                sess.run(v), reader.get_tensor(f"{v.op.name}/ExponentialMovingAverage"))
+
+
+def test_resume_restores_the_ema_shadows(tiny_data_dir, tmp_path):
+    straight_cfg, straight = _ema_run(tiny_data_dir, tmp_path, epochs=4, name="straight")
+    split_cfg, _ = _ema_run(tiny_data_dir, tmp_path, epochs=2, name="split")
+    prefix = checkpoint.require_latest(tmp_path / "split")
+    reader = tf.train.load_checkpoint(prefix)
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    trainer = Trainer(split_cfg, ds, tmp_path / "split", tmp_path / "histories.h5",
+                      resume=True, progress=False, log=lambda s: None)
+    trainer.before_train()
+    with trainer.sess.graph.as_default():
+        shadows = _shadows(tf1.global_variables())
+        values = trainer.sess.run(shadows)
+        raw = trainer.sess.run([trainer.t.ema.average(v) for v in
+                                tf1.trainable_variables("model")][:1] +
+                               tf1.trainable_variables("model")[:1])
+    trainer.sess.close()
+    assert shadows and all(np.array_equal(v, reader.get_tensor(s.op.name))
+                           for s, v in zip(shadows, values))
+    assert not np.array_equal(raw[0], raw[1])   # restored shadows, not fresh copies
+    resumed = train_run(split_cfg, data_dir=tiny_data_dir, out=tmp_path, resume=True,
+                        epochs_override=4, quiet=True)
+    a = history.read_run(tmp_path / "histories.h5", "straight")
+    b = history.read_run(tmp_path / "histories.h5", "split")
+    for field in ("train_loss", "valid_loss", "valid_acc"):
+        np.testing.assert_allclose(b.columns[field], a.columns[field], rtol=2e-3, atol=2e-3)
+    assert resumed["test"].loss == pytest.approx(straight["test"].loss, rel=5e-3)
+
+
+def test_config_json_records_the_new_options(tiny_data_dir, tmp_path):
+    cfg = tiny_config(epochs=1, init="he", stride_padding="symmetric", zero_init_residual=True,
+                      ema_decay=0.9)
+    out = train_run(cfg, data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    saved = json.loads((tmp_path / "original-8" / "config.json").read_text())
+    assert (saved["init"], saved["stride_padding"], saved["zero_init_residual"],
+            saved["ema_decay"]) == ("he", "symmetric", True, 0.9)
+    assert TrainConfig.from_dict(saved) == cfg
+    assert evaluate_run(out["run_dir"]).accuracy == pytest.approx(out["test"].accuracy)
+
+
+def test_an_old_config_json_evaluates_as_it_was_trained(tiny_data_dir, tmp_path):
+    """A run folder written before issue 17 has none of its keys: it means glorot, same,
+    no zero-init and no EMA, and evaluates to what training recorded."""
+    out = train_run(tiny_config(epochs=1), data_dir=tiny_data_dir, out=tmp_path, quiet=True)
+    path = tmp_path / "original-8" / "config.json"
+    saved = json.loads(path.read_text())
+    for key in ("init", "stride_padding", "zero_init_residual", "ema_decay"):
+        del saved[key]
+    path.write_text(json.dumps(saved))
+    old = TrainConfig.from_dict(saved)
+    assert (old.init, old.stride_padding, old.zero_init_residual, old.ema_decay) == (
+        "glorot", "same", False, 0.0)
+    run = history.read_run(out["history"], "original-8")
+    m = evaluate_run(out["run_dir"])
+    assert m.accuracy == pytest.approx(run.attrs["test_acc"], abs=1e-12)
+    assert m.loss == pytest.approx(run.attrs["test_loss"], rel=1e-5)
