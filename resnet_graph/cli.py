@@ -1,4 +1,4 @@
-"""The ``resnet-graph`` command line (contract: ../shared/CLI.md).
+"""The ``resnet-graph`` command line (contract: docs/cli.md).
 
 Commands parse their options, build a config and call the library; they hold
 no logic of their own. TensorFlow is imported inside the commands that need

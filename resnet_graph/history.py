@@ -1,6 +1,6 @@
 """The training history file: one HDF5 file, one group per run.
 
-Layout (see CLI.md)::
+Layout (the contract is in docs/cli.md)::
 
     /<run>                 group, one per run, in creation order
         epoch              int64,   one row per finished epoch (1, 2, 3, ...)
