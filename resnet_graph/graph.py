@@ -77,14 +77,18 @@ def gpu_available() -> bool:
 
 
 def resolve_precision(precision: str, gpu: Optional[bool] = None,
-                      bf16_units: Optional[bool] = None) -> str:
+                      bf16_units: Optional[bool] = None,
+                      onednn: Optional[bool] = None) -> str:
     """``auto``: fp16 (with loss scaling) on a GPU; on a CPU, bf16 where it has
-    bfloat16 units (AVX512_BF16 or AMX), else fp32.
+    bfloat16 units (AVX512_BF16 or AMX) *and* TensorFlow runs oneDNN, else fp32.
 
-    On this project's CPU bf16 trains ResNet-32 1.4-1.7x faster, and the whole
-    ``fast`` recipe (30 epochs, same seed) ended 0.32 points of validation
-    accuracy below fp32 and 0.09 above it on the test set (docs/results.md).
-    ``gpu``/``bf16_units`` default to what this machine has.
+    With oneDNN, bf16 trains ResNet-32 1.4-1.8x faster than fp32 on both CPUs
+    measured, and the whole ``fast`` recipe (30 epochs, same seed) ended 0.32
+    points of validation accuracy below fp32 and 0.09 above it on the test set
+    (docs/results.md). Without oneDNN, TensorFlow's Eigen kernels emulate
+    bfloat16 and bf16 trained 14 img/s against fp32's 125 on the EPYC with
+    bf16 units (docs/performance.md), so it is never picked there.
+    ``gpu``/``bf16_units``/``onednn`` default to what this machine has.
     """
     if precision != "auto":
         return precision
@@ -92,7 +96,9 @@ def resolve_precision(precision: str, gpu: Optional[bool] = None,
         return "fp16"
     if bf16_units is None:
         bf16_units = cpu_has_bf16()
-    return "bf16" if bf16_units else "fp32"
+    if onednn is None:
+        onednn = onednn_enabled()
+    return "bf16" if bf16_units and onednn else "fp32"
 
 
 def resolve_data_format(data_format: str, gpu: Optional[bool] = None,

@@ -29,12 +29,14 @@ def fp16_config(name):
                        name=name)
 
 
-@pytest.fixture
-def overflowing(monkeypatch):
+@pytest.fixture(scope="module")
+def overflowing():
     """Start above the overflow threshold of this tiny model (between 2^16 and 2^18)
     and double after 2 good steps: the scale keeps climbing back into overflow."""
-    monkeypatch.setattr(graph, "INITIAL_LOSS_SCALE", 2.0 ** 20)
-    monkeypatch.setattr(graph, "LOSS_SCALE_GROWTH_STEPS", 2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(graph, "INITIAL_LOSS_SCALE", 2.0 ** 20)
+        mp.setattr(graph, "LOSS_SCALE_GROWTH_STEPS", 2)
+        yield
 
 
 class Recorded(Trainer):
@@ -82,13 +84,14 @@ def dataset(tiny_data_dir):
                              seed=0)
 
 
-@pytest.fixture
-def straight(dataset, tmp_path, overflowing):
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory, overflowing):
+    """The uninterrupted run that the stopped ones are compared with (trained once)."""
+    root = tmp_path_factory.mktemp("straight")
     records = []
-    Recorded(fp16_config("straight"), dataset, tmp_path / "straight", tmp_path / "h.h5",
+    Recorded(fp16_config("straight"), dataset, root / "straight", root / "h.h5",
              records=records, **QUIET).run()
-    return records, _variables(tmp_path / "straight"), history.read_run(tmp_path / "h.h5",
-                                                                          "straight")
+    return records, _variables(root / "straight"), history.read_run(root / "h.h5", "straight")
 
 
 def _compare(straight, records, run_dir, hist, name):
@@ -129,7 +132,7 @@ def test_forced_skips_happen_throughout_and_statistics_stay_finite(straight):
             assert np.isfinite(value).all(), key
 
 
-def test_resume_at_an_epoch_boundary_after_skips(dataset, tmp_path, straight):
+def test_resume_at_an_epoch_boundary_after_skips(dataset, tmp_path, straight, overflowing):
     records = []
     cfg = fp16_config("boundary")
     with pytest.raises(KeyboardInterrupt):
@@ -141,7 +144,7 @@ def test_resume_at_an_epoch_boundary_after_skips(dataset, tmp_path, straight):
     _compare(straight, records, tmp_path / "boundary", tmp_path / "h.h5", "boundary")
 
 
-def test_resume_in_mid_epoch_after_skips(dataset, tmp_path, straight):
+def test_resume_in_mid_epoch_after_skips(dataset, tmp_path, straight, overflowing):
     from resnet_graph.errors import TrainingInterrupted
     records = []
     cfg = fp16_config("middle")
@@ -170,6 +173,8 @@ def test_a_skipped_step_leaves_the_batch_norm_statistics_alone(dataset):
         sess.run(init)
         sess.run(t.load_data, {t.data_images: dataset.train.images,
                                t.data_labels: dataset.train.labels})
+        # Scale 1: the bright batch below overflows in its activations, not its scale.
+        sess.run(t.loss_scale.assign(1.0))
         before = sess.run(stats)
         dark = np.zeros((20, 32, 32, 3), np.uint8)
         sess.run(t.train_op, {t.images: dark, t.training: True})

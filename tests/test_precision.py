@@ -164,8 +164,10 @@ def test_auto_precision_and_layout_per_device():
     from resnet_graph import graph
     assert graph.resolve_precision("auto", gpu=True) == "fp16"
     # bf16 on CPUs with bf16 units, where it kept accuracy (docs/results.md).
-    assert graph.resolve_precision("auto", gpu=False, bf16_units=True) == "bf16"
-    assert graph.resolve_precision("auto", gpu=False, bf16_units=False) == "fp32"
+    assert graph.resolve_precision("auto", gpu=False, bf16_units=True, onednn=True) == "bf16"
+    assert graph.resolve_precision("auto", gpu=False, bf16_units=False, onednn=True) == "fp32"
+    # Without oneDNN bf16 is emulated (about 9x slower than fp32): never auto.
+    assert graph.resolve_precision("auto", gpu=False, bf16_units=True, onednn=False) == "fp32"
     assert graph.resolve_precision("auto", gpu=True, bf16_units=True) == "fp16"
     assert graph.resolve_precision("bf16", gpu=False) == "bf16"
     assert graph.resolve_precision("fp16", gpu=False) == "fp16"
