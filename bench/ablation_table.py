@@ -1,0 +1,79 @@
+"""The issue-17 ablation as one markdown table, from the arms' history files.
+
+    .venv/bin/python bench/ablation_table.py [ABLATION_DIR]     # default /work/ablation
+
+Reads ``<dir>/<arm>/histories.h5`` of every arm that bench/ablation.sh runs (or a copy
+of them, e.g. docs/runs/ablation-<arm>.h5 with ``--files``), takes the finished runs
+(a ``test_acc`` attribute) and prints, per arm: the seeds, the final test accuracy of
+each, their mean, the spread (max - min), the difference of the mean from ``base``'s,
+the best validation accuracy and the wall-clock per run. Unfinished runs are listed
+as such. Only numbers in the files are printed.
+"""
+
+import argparse
+import pathlib
+import statistics
+
+import h5py
+
+ARMS = {  # arm -> the flags bench/ablation.sh gives it
+    "base": "", "he": "--init he", "sym": "--stride-padding symmetric",
+    "zero": "--zero-init-residual", "ema": "--ema-decay 0.999", "lr02": "--lr 0.2",
+    "b256": "--batch-size 256", "paper": "--init he --stride-padding symmetric",
+}
+
+
+def read_arm(path: pathlib.Path) -> dict:
+    """seed -> (test_acc or None, best_valid_acc, wall-clock seconds, epochs done)."""
+    runs = {}
+    with h5py.File(path, "r") as f:
+        for name, group in f.items():
+            if not isinstance(group, h5py.Group) or "epoch" not in group:
+                continue
+            seed = int(name.rsplit("-s", 1)[1])
+            test = group.attrs.get("test_acc")
+            valid = group["valid_acc"][()]
+            runs[seed] = (float(test) if test is not None else None,
+                          float(valid.max()) if len(valid) else float("nan"),
+                          float(group["seconds"][()].sum()), int(len(group["epoch"])))
+    return runs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("root", nargs="?", default="/work/ablation")
+    p.add_argument("--files", action="store_true",
+                   help="ROOT holds ablation-<arm>.h5 files instead of <arm>/histories.h5")
+    args = p.parse_args(argv)
+    root = pathlib.Path(args.root)
+    table = {}
+    for arm in ARMS:
+        path = root / (f"ablation-{arm}.h5" if args.files else f"{arm}/histories.h5")
+        if path.is_file():
+            table[arm] = read_arm(path)
+    base = [v[0] for v in table.get("base", {}).values() if v[0] is not None]
+    base_mean = statistics.mean(base) if base else None
+    print("| arm | flags | seeds finished | test % per seed | mean % | spread | vs base | "
+          "best valid % | wall-clock per run |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for arm, runs in table.items():
+        done = {s: v for s, v in sorted(runs.items()) if v[0] is not None}
+        open_ = {s: v for s, v in sorted(runs.items()) if v[0] is None}
+        tests = [v[0] * 100 for v in done.values()]
+        mean = statistics.mean(tests) if tests else None
+        cells = [arm, f"`{ARMS[arm]}`" if ARMS[arm] else "(fast as is)",
+                 ", ".join(str(s) for s in done) or "-",
+                 " / ".join(f"{t:.2f}" for t in tests) or "-",
+                 f"{mean:.2f}" if mean is not None else "-",
+                 f"{max(tests) - min(tests):.2f}" if len(tests) > 1 else "-",
+                 f"{mean - base_mean * 100:+.2f}" if mean is not None and base_mean else "-",
+                 " / ".join(f"{v[1] * 100:.2f}" for v in done.values()) or "-",
+                 " / ".join(f"{v[2] / 60:.0f} min" for v in done.values()) or "-"]
+        if open_:
+            cells[2] += " (running: " + ", ".join(f"seed {s} at epoch {v[3]}"
+                                                  for s, v in open_.items()) + ")"
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
