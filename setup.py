@@ -15,6 +15,7 @@ setup(
         "numpy",
         "click>=8",
         "h5py",
+        "filelock>=4.3",
         "matplotlib",
         "tqdm",
         "Pillow",

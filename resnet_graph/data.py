@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from resnet_graph import __version__
 from resnet_graph.errors import DataError
+from resnet_graph.fsutil import atomic_write_bytes
 
 CLASS_NAMES: tuple[str, ...] = (
     "airplane",
@@ -208,7 +209,7 @@ def write_binary_batch(path: str | os.PathLike, images: np.ndarray, labels) -> N
     records[:, 1:] = split.images.transpose(0, 3, 1, 2).reshape(len(split), -1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as out:
+    with atomic_write_bytes(path, suffix=".part", mode=0o644) as out:
         out.write(records.tobytes())
 
 
@@ -873,21 +874,6 @@ def _as_int(what: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise DataError(f"{what} must be a whole number, got {value!r}")
     return int(value)
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """Open a temporary file beside ``path`` and rename it over ``path`` on success."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            yield out
-        os.chmod(name, 0o644)
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        raise
 
 
 def _describe_array(value) -> str:

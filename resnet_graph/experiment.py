@@ -22,9 +22,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import checkpoint, history
-from .checkpoint import atomic_write_text
 from .config import TrainConfig, canonical_model
 from .errors import TrainingInterrupted, UserError
+from .fsutil import atomic_write_text
 
 HISTORY_FILE = "histories.h5"
 REPORT_MD = "report.md"

@@ -17,7 +17,7 @@ Layout (the contract is in docs/cli.md)::
 Every change is copy-on-write: under an exclusive ``flock`` on the sidecar
 ``<file>.lock`` the whole file is copied into a temporary file in the same
 folder, changed there, flushed, fsynced and moved over the original with
-``os.replace``; then the folder is fsynced. A kill at any moment or a full
+``os.replace``; then the folder is fsynced (resnet_graph.fsutil). A kill at any moment or a full
 disk therefore leaves either the old or the new file, never a mix. Readers do
 not lock: the file they open is never changed in place.
 """
@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import fcntl
 import json
 import math
 import numbers
 import os
 import re
-import secrets
 import stat
 import time
 from dataclasses import dataclass
@@ -43,6 +40,7 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
+from resnet_graph import fsutil
 from resnet_graph.errors import HistoryError
 
 FIELDS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds")
@@ -525,7 +523,7 @@ def _modify(path: Path, mutate: Callable[[h5py.File], Any], *, create: bool) -> 
     """Copy the file into a temp file, let ``mutate`` change the copy, replace.
 
     The original is never opened for writing; on any failure the temp file is
-    removed and the original is left as it was.
+    removed and the original is left as it was (fsutil.replacing).
     """
     folder = path.parent
     if create:
@@ -539,54 +537,50 @@ def _modify(path: Path, mutate: Callable[[h5py.File], Any], *, create: bool) -> 
     if path.is_dir():
         raise HistoryError(f"{path} is a folder, not an HDF5 history file")
     with _exclusive_lock(path):
-        _remove_stale_temps(path)
+        fsutil.remove_stale_temps(path)
         exists = path.exists()
         if not exists and not create:
             raise HistoryError(
                 f"history file {path} does not exist; check the path or create the run first"
             )
-        tmp = _new_temp(path)
+        mode = None
+        if exists:
+            with contextlib.suppress(OSError):
+                mode = stat.S_IMODE(os.stat(path).st_mode)
         try:
-            if exists:
-                with contextlib.suppress(OSError):
-                    os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-            with h5py.File(tmp, "w", track_order=True, locking=False) as dst:
-                if exists:
-                    with _open_for_reading(path) as src:
-                        try:
-                            _copy_contents(src, dst)
-                        except _H5_ERRORS as exc:
-                            reason = " ".join(str(exc).split()) or type(exc).__name__
-                            raise HistoryError(
-                                f"could not copy {path} into a temporary file "
-                                f"({reason[:200]}); the file is unchanged: it may be "
-                                "damaged, or the disk may be full"
-                            ) from exc
-                dst.attrs["format"] = FORMAT_NAME
-                dst.attrs["format_version"] = FORMAT_VERSION
-                result = mutate(dst)
-                if result is _UNCHANGED:
-                    raise _Unchanged
-                dst.flush()
-            _fsync_file(tmp)
-            os.replace(tmp, path)
+            with fsutil.replacing(path, mode=mode) as tmp:
+                _write_copy(path, tmp, exists, mutate)
         except _Unchanged:
-            _remove_quietly(tmp)
             return
         except HistoryError:
-            _remove_quietly(tmp)
             raise
         except OSError as exc:
-            _remove_quietly(tmp)
             reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
             raise HistoryError(
                 f"could not write {path}: {reason}; the file is unchanged, free disk "
                 "space or check permissions and try again"
             ) from exc
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
-        _fsync_folder(folder)
+
+
+def _write_copy(path: Path, tmp: Path, exists: bool, mutate) -> None:
+    """The new file in ``tmp``: a copy of ``path`` (if it ``exists``), changed by ``mutate``."""
+    with h5py.File(tmp, "w", track_order=True, locking=False) as dst:
+        if exists:
+            with _open_for_reading(path) as src:
+                try:
+                    _copy_contents(src, dst)
+                except _H5_ERRORS as exc:
+                    reason = " ".join(str(exc).split()) or type(exc).__name__
+                    raise HistoryError(
+                        f"could not copy {path} into a temporary file "
+                        f"({reason[:200]}); the file is unchanged: it may be "
+                        "damaged, or the disk may be full"
+                    ) from exc
+        dst.attrs["format"] = FORMAT_NAME
+        dst.attrs["format_version"] = FORMAT_VERSION
+        if mutate(dst) is _UNCHANGED:
+            raise _Unchanged
+        dst.flush()
 
 
 class _Unchanged(Exception):
@@ -769,89 +763,17 @@ def lock_path(path) -> Path:
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Hold ``flock(LOCK_EX)`` on ``<path>.lock``; released by close or by death."""
     lock = lock_path(path)
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        raise HistoryError(
-            f"cannot open lock file {lock}: {exc.strerror or exc}; check the folder's permissions"
-        ) from exc
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise HistoryError(
-                        f"another process has held {lock} for {LOCK_TIMEOUT_SECONDS:.0f} s; "
-                        "wait for it to finish and try again"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _temp_pattern(path: Path) -> re.Pattern:
-    return re.compile(r"\." + re.escape(path.name) + r"\.[0-9a-f]{16}\.tmp\Z")
-
-
-def _new_temp(path: Path) -> Path:
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    with contextlib.ExitStack() as held:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except FileExistsError:
-            continue
+            held.enter_context(fsutil.exclusive_lock(lock, timeout=LOCK_TIMEOUT_SECONDS))
+        except fsutil.LockBusy:
+            raise HistoryError(
+                f"another process has held {lock} for {LOCK_TIMEOUT_SECONDS:.0f} s; "
+                "wait for it to finish and try again"
+            ) from None
         except OSError as exc:
             raise HistoryError(
-                f"cannot create a temporary file next to {path}: {exc.strerror or exc}; "
-                "check the folder's permissions and free space"
+                f"cannot open lock file {lock}: {exc.strerror or exc}; "
+                "check the folder's permissions"
             ) from exc
-        os.close(fd)
-        return tmp
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Remove temp files left by a writer that was killed (only called under the lock)."""
-    pattern = _temp_pattern(path)
-    try:
-        entries = os.listdir(path.parent)
-    except OSError:
-        return
-    for entry in entries:
-        if pattern.match(entry):
-            _remove_quietly(path.parent / entry)
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise HistoryError(
-                f"could not sync folder {folder} after writing the history: "
-                f"{exc.strerror or exc}; check the disk"
-            ) from exc
-    finally:
-        os.close(fd)
+        yield

@@ -406,8 +406,7 @@ def _holds_a_run(run_dir: pathlib.Path) -> bool:
     resumed (no config) nor, if it counted as a run, be started again."""
     if not run_dir.is_dir():
         return run_dir.exists()
-    return any(p.name != checkpoint.LOCK_FILE and not p.name.startswith(".config.json.tmp-")
-               for p in run_dir.iterdir())
+    return any(not checkpoint.is_leftover(p.name) for p in run_dir.iterdir())
 
 
 def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_path=None,
