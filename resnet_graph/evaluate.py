@@ -19,13 +19,14 @@ import tensorflow as tf
 
 from . import checkpoint, data
 from .config import TrainConfig
+from .data import NUM_CLASSES
 from .errors import DataError
-from .graph import (attach_model, gpu_available, resolve_data_format, restore_variables,
-                    session_config)
+from .graph import attach_model, restore_variables
+from .precision import eval_precision, resolve_data_format
+from .runtime import session_config
 
 tf1 = tf.compat.v1
 
-NUM_CLASSES = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +89,6 @@ def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: s
                    accuracy=hits / n if n else float("nan"), confusion=confusion,
                    predictions=np.concatenate(kept) if kept else None,
                    tta="flip" if flip else "none")
-
-
-def eval_precision(saved: str) -> str:
-    """Precision to evaluate a run trained in ``saved``: fp16 only where a GPU runs it."""
-    if saved == "fp16" and not gpu_available():
-        return "fp32"
-    return saved if saved in ("fp32", "fp16", "bf16") else "fp32"
 
 
 @contextlib.contextmanager

@@ -22,16 +22,16 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import checkpoint, history
-from .config import TrainConfig, canonical_model
+from .config import RUN_FACTS, TrainConfig, canonical_model
 from .errors import TrainingInterrupted, UserError
 from .fsutil import atomic_write_text
 
 HISTORY_FILE = "histories.h5"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-# Keys of config.json that describe the machine or the data location, not the set-up.
-NOT_SETUP = {"name", "epochs", "normalization", "data_dir", "resolved_precision",
-             "resolved_data_format", "train_images", "valid_images"}
+# Keys of config.json that are not the set-up: the run's name and length, and the
+# facts of the machine and the data (config.RUN_FACTS).
+NOT_SETUP = {"name", "epochs"} | RUN_FACTS
 
 
 def run_name(model: str, depth: int, seed: int) -> str:
@@ -82,7 +82,8 @@ def check_same_setup(out: pathlib.Path, cfg: TrainConfig) -> None:
 def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet: bool = False,
                    log: Callable[[str], None] = print, command: str = "") -> dict:
     """Train every run of ``configs`` that is not finished, then write the report."""
-    from .train import TrainingError, train_run   # TensorFlow only when training
+    from .runs import train_run  # TensorFlow only when training
+    from .train import TrainingError
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for i, cfg in enumerate(configs, 1):

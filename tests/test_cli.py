@@ -228,8 +228,8 @@ def test_lr_boundaries_make_a_step_schedule(tiny_data_dir, tmp_path):
 
 def test_a_layout_without_a_kernel_is_refused_before_anything_is_written(trained, tmp_path,
                                                                            monkeypatch):
-    from resnet_graph import graph
-    monkeypatch.setattr(graph, "kernel_problem",
+    from resnet_graph import precision
+    monkeypatch.setattr(precision, "kernel_problem",
                         lambda fmt, precision, xla=False: "no NCHW kernel" if fmt == "NCHW"
                         else None)
     _, folder = trained

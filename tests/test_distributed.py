@@ -22,8 +22,9 @@ from resnet_graph.cli import cli
 from resnet_graph.config import TrainConfig
 from resnet_graph.distributed import parse_cluster
 from resnet_graph.errors import UserError
-from resnet_graph.graph import build_train_graph, session_config
 from resnet_graph.launch import launch_local, tf_configs
+from resnet_graph.replicate import build_replicated_graph as build_train_graph
+from resnet_graph.runtime import session_config
 
 tf1 = tf.compat.v1
 

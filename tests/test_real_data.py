@@ -6,7 +6,7 @@ import pytest
 
 from resnet_graph import data, history
 from resnet_graph.config import make_config
-from resnet_graph.train import train_run
+from resnet_graph.runs import train_run
 
 pytestmark = pytest.mark.real_data
 
