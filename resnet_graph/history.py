@@ -14,7 +14,9 @@ Layout (the contract is in docs/cli.md)::
         attrs: config (JSON text), tensorflow_version, device, created,
                and after the final evaluation test_loss, test_acc
 
-Every change is copy-on-write: under an exclusive ``flock`` on the sidecar
+Reads of a file from outside (the default, ``guard=True``) first read it in a
+forked child with a time limit (:func:`_probe`); the file a run writes is read
+with ``guard=False``, without a fork. Every change is copy-on-write: under an exclusive ``flock`` on the sidecar
 ``<file>.lock`` the whole file is copied into a temporary file in the same
 folder, changed there, flushed, fsynced and moved over the original with
 ``os.replace``; then the folder is fsynced (resnet_graph.fsutil). A kill at any moment or a full
@@ -262,20 +264,25 @@ def remove_run(path, run) -> None:
     _modify(path, mutate, create=False)
 
 
-def read_run(path, run) -> Run:
+def read_run(path, run, *, guard: bool = True) -> Run:
     """Read one run; HistoryError if the file or the run is missing or damaged."""
-    return read_history(path, [run])[0]
+    return read_history(path, [run], guard=guard)[0]
 
 
-def read_history(path, runs: list[str] | None = None) -> list[Run]:
-    """Read all runs in file order (creation order), or the named ones in the given order."""
+def read_history(path, runs: list[str] | None = None, *, guard: bool = True) -> list[Run]:
+    """Read all runs in file order (creation order), or the named ones in the given order.
+
+    ``guard``: first read the file in a forked child with a time limit
+    (:func:`_probe`), for files that come from outside; pass False for a file
+    this process writes itself (a fork in a multi-threaded process can block).
+    """
     path = Path(path)
     wanted = None
     if runs is not None:
         if isinstance(runs, str):
             runs = [runs]
         wanted = list(dict.fromkeys(validate_run_name(r) for r in runs))
-    with _open_for_reading(path) as f:
+    with _open_for_reading(path, guard) as f:
         try:
             names = _group_names(f)
             if wanted is not None:
@@ -293,23 +300,24 @@ def read_history(path, runs: list[str] | None = None) -> list[Run]:
             raise _damaged(path, exc) from exc
 
 
-def run_names(path) -> list[str]:
-    """The names of the runs in the file, in file order (creation order)."""
+def run_names(path, *, guard: bool = True) -> list[str]:
+    """The names of the runs in the file, in file order (creation order); ``guard``
+    as in :func:`read_history`."""
     path = Path(path)
-    with _open_for_reading(path) as f:
+    with _open_for_reading(path, guard) as f:
         try:
             return _group_names(f)
         except _H5_ERRORS as exc:
             raise _damaged(path, exc) from exc
 
 
-def has_run(path, run) -> bool:
+def has_run(path, run, *, guard: bool = True) -> bool:
     """Whether the file holds run ``run``; False when the file does not exist."""
     name = validate_run_name(run)
     path = Path(path)
     if not path.exists():
         return False
-    return name in run_names(path)
+    return name in run_names(path, guard=guard)
 
 
 # --------------------------------------------------------------------------
@@ -318,14 +326,15 @@ def has_run(path, run) -> bool:
 
 
 @contextlib.contextmanager
-def _open_for_reading(path: Path) -> Iterator[h5py.File]:
+def _open_for_reading(path: Path, guard: bool) -> Iterator[h5py.File]:
     if not path.exists():
         raise HistoryError(
             f"history file {path} does not exist; check the path or train a run first"
         )
     if path.is_dir():
         raise HistoryError(f"{path} is a folder, not an HDF5 history file")
-    _probe(path)
+    if guard:
+        _probe(path)
     try:
         f = h5py.File(path, "r", locking=False)
     except PermissionError as exc:
@@ -346,6 +355,11 @@ PROBE_SECONDS = 20.0   # plus one second per MiB
 
 def _probe(path: Path) -> None:
     """Read the whole file once in a forked child before this process touches it.
+
+    Only for files from outside (``plot``, ``experiment`` on an existing
+    folder): the file a run writes was written by this code, and a fork of a
+    process whose other threads hold locks (TensorFlow's) can leave the child
+    blocked until the time limit, which would refuse a good file.
 
     Some damaged HDF5 files send libhdf5 into an endless loop (a corrupted global
     heap under a string attribute was found by the fuzz test) or crash it; C code
@@ -566,7 +580,7 @@ def _write_copy(path: Path, tmp: Path, exists: bool, mutate) -> None:
     """The new file in ``tmp``: a copy of ``path`` (if it ``exists``), changed by ``mutate``."""
     with h5py.File(tmp, "w", track_order=True, locking=False) as dst:
         if exists:
-            with _open_for_reading(path) as src:
+            with _open_for_reading(path, guard=False) as src:
                 try:
                     _copy_contents(src, dst)
                 except _H5_ERRORS as exc:

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from . import data, runtime
+from . import data, fetch, runtime
 from .config import TrainConfig
 from .errors import DataError
 from .graph import MODEL_SCOPE, build_eval_graph, build_train_graph
@@ -129,7 +129,7 @@ def environment_info(data_dir=None) -> dict:
         "usable_cores": runtime.usable_cores(),
     }
     try:
-        folder = data.find_data_dir(data_dir, download=False, progress=False)
+        folder = fetch.find_data_dir(data_dir, download=False, progress=False)
     except DataError as e:
         facts.update(data_dir=None, data_complete=False, data_problem=str(e))
         return facts

@@ -11,7 +11,7 @@ process) or :class:`resnet_graph.distributed.DistributedTrainer` (a cluster).
 import pathlib
 from typing import Callable, Optional
 
-from . import checkpoint, data, history
+from . import checkpoint, data, fetch, history
 from .config import TrainConfig, check_batch_split
 from .distributed import DistributedTrainer
 from .errors import UserError
@@ -62,7 +62,7 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
         cfg = TrainConfig.from_dict(saved)
         data_dir = data_dir or saved.get("data_dir")
     elif _holds_a_run(run_dir) or (
-            history_path.exists() and history.has_run(history_path, name)):
+            history_path.exists() and history.has_run(history_path, name, guard=False)):
         raise UserError(f"run {name!r} already exists (in {run_dir} or {history_path}); "
                         "pass --resume to continue it or choose another --name")
     if epochs_override:
@@ -72,7 +72,7 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
     # Before anything is written (the trainer checks it again for its own callers).
     check_batch_split(cfg.batch_size, devices, cluster.workers if cluster is not None else 1)
     # Data first: a data error must not leave an empty run folder behind.
-    folder = data.find_data_dir(data_dir, progress=not quiet)
+    folder = fetch.find_data_dir(data_dir, progress=not quiet)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
     options = dict(resume=resume, log=(lambda s: None) if quiet else log, progress=not quiet,

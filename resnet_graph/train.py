@@ -192,7 +192,7 @@ class Trainer:
     def before_train(self):
         cfg, ds = self.cfg, self.dataset
         if not self.resume and ((self.run_dir / "config.json").exists() or (
-                self.history_path.exists() and history.has_run(self.history_path, cfg.name))):
+                self.history_path.exists() and history.has_run(self.history_path, cfg.name, guard=False))):
             # Checked again under the run lock: another start of the same name may
             # have finished between train_run's check and this process taking the lock.
             raise UserError(f"run {cfg.name!r} already exists (in {self.run_dir} or "
@@ -214,7 +214,7 @@ class Trainer:
             self._write_config()
             history.create_run(self.history_path, cfg.name, config=self._config_dict(),
                                attrs=self._history_attrs(), exist_ok=self.resume)
-            if self.resume and history.read_run(self.history_path, cfg.name).epochs:
+            if self.resume and history.read_run(self.history_path, cfg.name, guard=False).epochs:
                 history.truncate(self.history_path, cfg.name, 0)
         self.sess.run(self.t.load_data, {self.t.data_images: ds.train.images,
                                          self.t.data_labels: ds.train.labels})
@@ -364,7 +364,7 @@ class Trainer:
     # -- helpers ---------------------------------------------------------------------
     def _best_from_history(self) -> None:
         """The best validation accuracy of the epochs kept in the history."""
-        run = history.read_run(self.history_path, self.cfg.name)
+        run = history.read_run(self.history_path, self.cfg.name, guard=False)
         accs = np.asarray(run.columns["valid_acc"], dtype=np.float64)
         if np.isfinite(accs).any():
             i = int(np.nanargmax(accs))
