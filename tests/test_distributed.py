@@ -186,7 +186,8 @@ def test_a_killed_worker_stops_the_chief_cleanly_and_the_run_resumes(tiny_data_d
                                   daemon=True)
         reader.start()
         deadline = time.monotonic() + 180
-        while not any(line.startswith("epoch 2/30") for line in lines):
+        # Epoch 2's summary line (its progress lines, "epoch 2/30 step ...", come earlier).
+        while not any(line.startswith("epoch 2/30  train loss") for line in lines):
             assert time.monotonic() < deadline and chief.poll() is None, lines
             time.sleep(0.1)
         os.killpg(worker.pid, signal.SIGKILL)
