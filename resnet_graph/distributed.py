@@ -47,7 +47,6 @@ import tensorflow as tf
 
 from .errors import TrainingInterrupted, UserError
 from .replicate import build_replicated_graph
-from .runtime import session_config
 from .train import Trainer, TrainingError
 
 tf1 = tf.compat.v1
@@ -305,7 +304,7 @@ class DistributedTrainer(Trainer):
 
     def make_session(self, graph):
         c = self.cluster
-        config = session_config(self.devices if self.device_type == "CPU" else 1)
+        config = self.session_config()
         config.experimental.collective_group_leader = c.leader
         config.device_filters.append(c.device_prefix)
         address = c.jobs[c.task_type][c.task_index]

@@ -28,7 +28,6 @@ from .runtime import session_config
 tf1 = tf.compat.v1
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Metrics:
     split: str

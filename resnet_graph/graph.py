@@ -71,6 +71,7 @@ MODEL_SCOPE = "model"
 EMA_NAME = "ExponentialMovingAverage"
 AVERAGED_SCOPE = "averaged"
 
+
 def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
     """The schedule as a function of the optimizer step (see TrainConfig)."""
     if cfg.lr_schedule == "step" and cfg.lr_boundaries:
@@ -82,6 +83,7 @@ def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
     else:
         lr = tf.constant(cfg.lr, tf.float32)
     return tf.identity(tf.cast(lr, tf.float32), name="learning_rate")
+
 
 def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps: float):
     """Rise linearly to ``peak`` over ``warmup_steps`` (step s trains at
@@ -95,10 +97,12 @@ def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps:
         return cosine
     return tf.where(step < warmup, peak * (step + 1.0) / warmup, cosine)
 
+
 def make_optimizer(cfg: TrainConfig, lr):
     if cfg.optimizer == "adam":
         return tf1.train.AdamOptimizer(lr, epsilon=cfg.adam_epsilon)
     return tf1.train.MomentumOptimizer(lr, cfg.momentum, use_nesterov=cfg.nesterov)
+
 
 @dataclasses.dataclass
 class ModelTensors:
@@ -117,6 +121,7 @@ class ModelTensors:
     accuracy: tf.Tensor
     precision: str
     data_format: str
+
 
 @dataclasses.dataclass
 class TrainTensors(ModelTensors):
@@ -152,6 +157,7 @@ class TrainTensors(ModelTensors):
         """What validation and test evaluate: the averaged weights of an EMA run,
         else the model as it trains."""
         return self.averaged if self.averaged is not None else self
+
 
 def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
                  precision="fp32", data_format="NHWC", training=None):
@@ -191,12 +197,14 @@ def attach_model(cfg: TrainConfig, mean, std, *, images=None, labels=None,
         accuracy=tf.reduce_mean(correct, name="accuracy"),
         precision=precision, data_format=data_format)
 
+
 def weight_decay_loss(cfg: TrainConfig):
     """``wd * sum(||w||^2) / 2`` over the kernels (not biases, not batch norm)."""
     kernels = [v for v in tf1.trainable_variables(MODEL_SCOPE) if v.op.name.endswith("/kernel")]
     if not cfg.weight_decay or not kernels:
         return tf.constant(0.0)
     return cfg.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
+
 
 def averaged_variables():
     """What the weight average covers: the model's trainable variables and its
@@ -213,6 +221,7 @@ def averaged_variables():
     stats = [v for v in tf1.get_collection(tf1.GraphKeys.MOVING_AVERAGE_VARIABLES, MODEL_SCOPE)
              if v.ref() not in seen]
     return trainable + stats
+
 
 def average_weights(cfg: TrainConfig, train_op, global_step):
     """With ``cfg.ema_decay``: a train op that, after ``train_op``'s update (a
@@ -238,6 +247,7 @@ def average_weights(cfg: TrainConfig, train_op, global_step):
         update = ema.apply(variables)
     return tf.group(update), ema
 
+
 def attach_averaged_model(cfg: TrainConfig, mean, std, ema, *, precision, data_format):
     """A second copy of the network, in inference mode, reading the shadow
     variables of ``ema`` instead of the weights; its tensors are named under
@@ -257,6 +267,7 @@ def attach_averaged_model(cfg: TrainConfig, mean, std, ema, *, precision, data_f
     del pending[before:]
     return averaged
 
+
 def restore_variables(cfg: TrainConfig):
     """The Saver ``var_list`` that loads a run's checkpoint into an eval graph
     built in the default graph: the averaged weights and statistics of an
@@ -264,6 +275,7 @@ def restore_variables(cfg: TrainConfig):
     if not cfg.ema_decay:
         return tf1.global_variables()
     return tf1.train.ExponentialMovingAverage(cfg.ema_decay, name=EMA_NAME).variables_to_restore()
+
 
 def training_loss(cfg: TrainConfig, t: "ModelTensors"):
     """The data term that is minimised: ``loss`` itself, or with label smoothing
@@ -276,6 +288,7 @@ def training_loss(cfg: TrainConfig, t: "ModelTensors"):
     targets = tf.one_hot(t.labels, classes, on_value=1.0 - cfg.label_smoothing + off, off_value=off)
     return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(labels=targets, logits=t.logits),
                           name="smoothed_loss")
+
 
 def minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScaling],
               statistics, compute=None):
@@ -315,6 +328,7 @@ def minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScali
         return guarded_update(scaling, finite,
                               lambda: optimizer.apply_gradients(zip(grads, var_list), global_step))
 
+
 def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                       precision="fp32", data_format="NHWC") -> TrainTensors:
     """Build a complete training graph of one device and one process in the default graph.
@@ -353,6 +367,7 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                                                  data_format=data_format)
     return tensors
 
+
 def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
                    inp: TrainInput, scaling: Optional[LossScaling], *, step_loss,
                    step_accuracy) -> TrainTensors:
@@ -382,6 +397,7 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
         loss_scale=scaling.scale if scaling else None,
         skipped_steps=scaling.skipped_steps if scaling else None,
         step_loss=step_loss, step_accuracy=step_accuracy)
+
 
 def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",
                      data_format="NHWC") -> ModelTensors:

@@ -20,10 +20,12 @@ from .config import TrainConfig
 
 tf1 = tf.compat.v1
 
+
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     """The shuffled order of epoch ``epoch`` (1-based): a function of seed and epoch only,
     so a resumed run visits the images in the same order as an uninterrupted one."""
     return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
+
 
 def normalise(images, mean, std, data_format, dtype):
     """uint8 NHWC pixels -> (x - mean) / std in ``data_format`` and ``dtype``."""
@@ -31,6 +33,7 @@ def normalise(images, mean, std, data_format, dtype):
     if data_format == "NCHW":
         x = tf.transpose(x, [0, 3, 1, 2])
     return tf.cast(x, dtype)
+
 
 def augment(images, seed, pad=4, *, offset=0, total=None):
     """Pad by ``pad`` zero pixels, crop a random 32x32 window, flip half.
@@ -57,6 +60,7 @@ def augment(images, seed, pad=4, *, offset=0, total=None):
     out = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(out, cols, axis=2, batch_dims=1)
 
+
 @dataclasses.dataclass
 class TrainInput:
     """The in-graph training set and this process's share of one global batch."""
@@ -70,6 +74,7 @@ class TrainInput:
     batch_index: tf.Tensor      # which global batch of the epoch
     batch_images: tf.Tensor     # this process's rows of it, augmented if asked
     batch_labels: tf.Tensor
+
 
 def training_input(cfg: TrainConfig, num_train: int, steps, *, rank: int = 0,
                     per_process: Optional[int] = None) -> TrainInput:

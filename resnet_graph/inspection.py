@@ -22,6 +22,7 @@ from .runtime import describe_device, session_config
 
 tf1 = tf.compat.v1
 
+
 def model_summary(cfg: TrainConfig) -> dict:
     """Parameters and layers per part of the network (stem, stages, head)."""
     graph = tf.Graph()
@@ -47,6 +48,7 @@ def model_summary(cfg: TrainConfig) -> dict:
             "params": sum(int(np.prod(v.shape)) for v in variables),
             "conv_layers": convs, "dense_layers": dense_layers, "stages": rows}
 
+
 def format_summary(s: dict) -> str:
     lines = [f"{s['model']} ResNet-{s['depth']}" if s["model"] != "plain"
              else f"plain CNN, {s['depth']} layers",
@@ -57,6 +59,7 @@ def format_summary(s: dict) -> str:
     lines.append(f"{'total':<8}{'':>8}{'':>9}{'':>8}{s['conv_layers']:>7}{s['dense_layers']:>7}"
                  f"{s['params']:>10,}  ({s['params'] / 1e6:.2f}M trainable)")
     return "\n".join(lines)
+
 
 def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
               num_images: int = 5000, feed: bool = False) -> dict:
@@ -109,6 +112,7 @@ def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
             "input": "feed_dict" if feed else "in-graph", "device": describe_device(), "steps": steps, "seconds": seconds,
             "images_per_sec": steps * cfg.batch_size / seconds}
 
+
 def environment_info(data_dir=None) -> dict:
     """What ``resnet-graph info`` reports: versions, devices, the ``auto`` choices, the data."""
     gpus = runtime.gpu_count() > 0
@@ -142,6 +146,7 @@ def environment_info(data_dir=None) -> dict:
     facts.update(data_dir=str(folder), data_complete=not problems,
                  data_problem="; ".join(problems) or None)
     return facts
+
 
 def _version() -> str:
     try:

@@ -32,8 +32,10 @@ INITIAL_LOSS_SCALE = 2.0 ** 15
 MAX_LOSS_SCALE = 2.0 ** 24
 LOSS_SCALE_GROWTH_STEPS = 2000
 
+
 def gpu_available() -> bool:
     return gpu_count() > 0
+
 
 def resolve_precision(precision: str, gpu: Optional[bool] = None,
                       bf16_units: Optional[bool] = None) -> str:
@@ -53,6 +55,7 @@ def resolve_precision(precision: str, gpu: Optional[bool] = None,
         bf16_units = cpu_has_bf16()
     return "bf16" if bf16_units else "fp32"
 
+
 def resolve_data_format(data_format: str, gpu: Optional[bool] = None,
                         precision: str = "fp32") -> str:
     """``auto``: NHWC on a CPU (oneDNN ran NCHW 3x slower here); on a GPU, NCHW
@@ -65,11 +68,13 @@ def resolve_data_format(data_format: str, gpu: Optional[bool] = None,
         return "NHWC"
     return "NHWC" if precision == "fp16" else "NCHW"
 
+
 def eval_precision(saved: str) -> str:
     """Precision to evaluate a run trained in ``saved``: fp16 only where a GPU runs it."""
     if saved == "fp16" and not gpu_available():
         return "fp32"
     return saved if saved in ("fp32", "fp16", "bf16") else "fp32"
+
 
 @functools.lru_cache(maxsize=None)
 def kernel_problem(data_format: str, precision: str, xla: bool = False) -> Optional[str]:
@@ -107,6 +112,7 @@ def kernel_problem(data_format: str, precision: str, xla: bool = False) -> Optio
         return error_reason(e)
     return None
 
+
 def check_runnable(precision: str, data_format: str, xla: bool) -> None:
     """Refuse, before anything is built or written, a resolved precision, layout
     and XLA setting that this machine's TensorFlow cannot train, with one line
@@ -129,6 +135,7 @@ def check_runnable(precision: str, data_format: str, xla: bool) -> None:
                     f"{' --xla' if xla else ''} cannot train on this {device} with this "
                     f"TensorFlow ({problem}); {hint}")
 
+
 @dataclasses.dataclass
 class LossScaling:
     """The checkpointed state of dynamic loss scaling (fp16)."""
@@ -136,6 +143,7 @@ class LossScaling:
     scale: tf1.Variable          # float32: the loss is multiplied by it
     good_steps: tf1.Variable     # int64: finite steps since the scale last changed
     skipped_steps: tf1.Variable  # int64: steps skipped for non-finite gradients, ever
+
 
 def loss_scaling_state() -> LossScaling:
     """Create the loss-scaling variables (scope ``loss_scaling``).
@@ -156,14 +164,17 @@ def loss_scaling_state() -> LossScaling:
             skipped_steps=tf1.get_variable("skipped_steps", [], tf.int64,
                                            tf1.zeros_initializer(), trainable=False))
 
+
 def steps_taken(global_step, scaling: Optional[LossScaling]):
     """Training steps taken so far, applied or skipped (see the module docstring)."""
     if scaling is None:
         return global_step     # no extra op: the graph of fp32/bf16 runs is unchanged
     return tf.add(tf.cast(global_step, tf.int64), scaling.skipped_steps, name="steps_taken")
 
+
 def all_finite(tensors):
     return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in tensors]))
+
 
 def guarded_update(scaling: LossScaling, finite, apply_update):
     """The op of one loss-scaled step: if ``finite``, ``apply_update()`` (the

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from . import ops
 from .config import TrainConfig, check_batch_split
+from .errors import UserError
 from .graph import (
     MODEL_SCOPE,
     TrainTensors,
@@ -29,8 +30,23 @@ from .graph import (
 )
 from .inputs import training_input
 from .precision import loss_scaling_state, steps_taken
+from .runtime import gpu_count
 
 tf1 = tf.compat.v1
+
+
+def tower_device_type(devices: int) -> str:
+    """Where ``devices`` towers run: ``GPU`` when GPUs are visible (and enough of
+    them), else ``CPU`` (logical CPU devices); one tower runs where TensorFlow
+    places it. UserError for fewer than one tower or more towers than GPUs."""
+    if devices < 1:
+        raise UserError(f"--devices must be at least 1, got {devices}")
+    gpus = gpu_count() if devices > 1 else 0
+    if 0 < gpus < devices:
+        raise UserError(f"--devices {devices} but only {gpus} GPUs are visible; "
+                        f"use --devices {gpus} or fewer")
+    return "GPU" if gpus else "CPU"
+
 
 def _place(device_prefix: str, device: str, variables: str):
     """A device function: variables on ``variables``, every other op on ``device``."""
@@ -42,6 +58,7 @@ def _place(device_prefix: str, device: str, variables: str):
 
 
 _VARIABLE_OPS = frozenset({"Variable", "VariableV2", "VarHandleOp", "AutoReloadVariable"})
+
 
 def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                            precision="fp32", data_format="NHWC", devices: int = 1,

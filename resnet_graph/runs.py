@@ -26,6 +26,7 @@ def _holds_a_run(run_dir: pathlib.Path) -> bool:
         return run_dir.exists()
     return any(not checkpoint.is_leftover(p.name) for p in run_dir.iterdir())
 
+
 def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_path=None,
               resume: bool = False, epochs_override: Optional[int] = None,
               quiet: bool = False, log: Callable[[str], None] = print,

@@ -14,6 +14,7 @@ import functools
 import os
 import pathlib
 import platform
+from typing import Optional
 
 
 @contextlib.contextmanager
@@ -30,6 +31,7 @@ def stderr_silenced():
         os.dup2(saved, 2)
         os.close(saved)
 
+
 @functools.lru_cache(maxsize=None)
 def load_tensorflow():
     """Import TensorFlow with its start-up chatter hidden; return the module."""
@@ -43,30 +45,39 @@ def load_tensorflow():
         tf.get_logger().setLevel("ERROR")
     return tf
 
+
 @functools.lru_cache(maxsize=None)
 def gpu_count() -> int:
     tf = load_tensorflow()
     return len(tf.config.list_physical_devices("GPU"))
 
+
+def cpu_info(key: str) -> Optional[str]:
+    """The value of the first ``key`` line of /proc/cpuinfo (None where there is none)."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset:
     """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((cpu_info("flags") or "").split())
 
 
 # The CPU features that decide kernels and precisions here.
 INTERESTING_CPU_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
                                    "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"})
 
+
 def cpu_has_bf16() -> bool:
     """True on CPUs with bfloat16 arithmetic units (AVX512_BF16 or AMX-BF16)."""
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
 
 def onednn_enabled() -> bool:
     """Whether this process's TensorFlow runs its CPU ops with oneDNN."""
@@ -76,6 +87,7 @@ def onednn_enabled() -> bool:
         return bool(_pywrap_util_port.IsMklEnabled())
     except (ImportError, AttributeError):   # a build without the probe
         return False
+
 
 def onednn_state() -> tuple:
     """(enabled, why): whether oneDNN is on, and who decided (see the package docstring)."""
@@ -89,6 +101,7 @@ def onednn_state() -> tuple:
         why = f"resnet-graph set {pkg.ONEDNN_ENV}=1 (it was unset)"
     return enabled, why
 
+
 def error_reason(error) -> str:
     """The line of a TensorFlow error that says what went wrong: in a graph execution
     error, the line after the traceback of the failing node (``Node: '...'``)."""
@@ -100,6 +113,7 @@ def error_reason(error) -> str:
     plain = [line for line in lines if not line.startswith(("Graph execution error", "[["))]
     return (plain or lines or [type(error).__name__])[0]
 
+
 def describe_device() -> str:
     """A short name of the device that trains: the GPU's, else the CPU's."""
     tf = load_tensorflow()
@@ -107,22 +121,17 @@ def describe_device() -> str:
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         return f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_info("model name") or platform.processor() or platform.machine()
     units = ", bf16 units" if cpu_has_bf16() else ""
     return f"CPU: {model} ({os.cpu_count()} cores{units})"
+
 
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
 
 def session_config(cpu_devices: int = 1):
     """A ConfigProto: soft placement (uint8 data variables stay on the CPU where a

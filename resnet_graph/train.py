@@ -32,14 +32,16 @@ from .graph import MODEL_SCOPE
 from .inputs import epoch_order
 from .precision import check_runnable, gpu_available, resolve_data_format, resolve_precision
 from .progress import epoch_progress
-from .replicate import build_replicated_graph
-from .runtime import describe_device, gpu_count, session_config
+from .replicate import build_replicated_graph, tower_device_type
+from .runtime import describe_device, session_config
 from .summaries import RunSummaries
 
 tf1 = tf.compat.v1
 
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
 
 class Trainer:
     """Train ``cfg`` on ``dataset``, writing into ``run_dir`` and ``history_path``.
@@ -81,13 +83,7 @@ class Trainer:
             raise UserError(f"batch size {cfg.batch_size} is larger than the {len(dataset.train)} "
                             "training images; lower --batch-size")
         self.devices = int(devices)
-        if self.devices < 1:
-            raise UserError(f"--devices must be at least 1, got {devices}")
-        gpus = gpu_count() if self.devices > 1 else 0
-        if 0 < gpus < self.devices:
-            raise UserError(f"--devices {self.devices} but only {gpus} GPUs are visible; "
-                            f"use --devices {gpus} or fewer")
-        self.device_type = "GPU" if gpus else "CPU"
+        self.device_type = tower_device_type(self.devices)
         check_batch_split(cfg.batch_size, self.devices, self.workers)
         self.sess = None
         self.t = None
@@ -162,8 +158,11 @@ class Trainer:
 
     def make_session(self, graph):
         """The session that trains ``graph``; a hook (distributed runs)."""
-        cpus = self.devices if self.device_type == "CPU" else 1
-        return tf1.Session(graph=graph, config=session_config(cpus))
+        return tf1.Session(graph=graph, config=self.session_config())
+
+    def session_config(self):
+        """The session's ConfigProto: with towers on the CPU, one logical CPU device each."""
+        return session_config(self.devices if self.device_type == "CPU" else 1)
 
     def build(self):
         """Graph, savers and session; returns the initialiser op."""
