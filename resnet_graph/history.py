@@ -34,7 +34,6 @@ import numbers
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -42,7 +41,7 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
-from resnet_graph import fsutil
+from resnet_graph import fsutil, sandbox
 from resnet_graph.errors import HistoryError
 
 FIELDS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds")
@@ -373,34 +372,22 @@ def _probe(path: Path) -> None:
     except OSError:
         return
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key in _PROBED or not hasattr(os, "fork"):
+    if key in _PROBED or not sandbox.available():
         return
     limit = PROBE_SECONDS + st.st_size / (1 << 20)
-    pid = os.fork()
-    if pid == 0:   # the child: read everything, report by exit code only
-        code = 0
-        try:
-            with h5py.File(path, "r", locking=False) as f:
-                for name in _group_names(f):
-                    _load_group(f[name], name, path)
-        except BaseException:  # noqa: BLE001 - the parent reads again and reports it
-            code = 3
-        os._exit(code)
-    deadline = time.monotonic() + limit
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.005)
-    else:
-        with contextlib.suppress(OSError):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        raise HistoryError(f"{path} is damaged: reading it did not finish in {limit:.0f} s")
-    if os.WIFSIGNALED(status):
+
+    def read_everything():
+        with h5py.File(path, "r", locking=False) as f:
+            for name in _group_names(f):
+                _load_group(f[name], name, path)
+
+    try:
+        sandbox.run_in_child(read_everything, limit)
+    except sandbox.Hung:
+        raise HistoryError(f"{path} is damaged: reading it did not finish in {limit:.0f} s") from None
+    except sandbox.Crashed as crash:
         raise HistoryError(f"{path} is damaged: reading it crashed HDF5 "
-                           f"(signal {os.WTERMSIG(status)})")
+                           f"(signal {crash.args[0]})") from None
     _PROBED[key] = True
 
 
