@@ -1,17 +1,18 @@
 # Two commands do everything on a fresh machine with only python3:
 #   make train   -> .venv, install, resnet-graph train original (seed recipe)
-#   make test    -> .venv, install, pytest
+#   make test    -> .venv, install, lint (ruff, import-linter), pytest
+# Installs take the versions the tests passed with (constraints.txt).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install clean
+.PHONY: train test lint install clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,7 +20,14 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/resnet-graph train original $(ARGS)
 
-test: $(STAMP)
+# ruff: pyflakes, pycodestyle errors and import order (ruff.toml); lint-imports: the
+# layers of docs/architecture.md and the modules that must not need TensorFlow
+# (.importlinter).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

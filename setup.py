@@ -11,15 +11,19 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["resnet_graph", "resnet_graph.*"]),
     install_requires=[
-        "tensorflow>=2.16,<3",
+        # The newest minor release the test suite has passed on is the upper bound;
+        # constraints.txt pins the versions `make test` ran with.
+        "tensorflow>=2.16,<2.22",
         "numpy",
         "click>=8",
         "h5py",
+        "filelock>=4.3",
         "matplotlib",
         "tqdm",
         "Pillow",
         "PyYAML",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    # `make test` also runs the linters (ruff.toml, .importlinter).
+    extras_require={"test": ["pytest", "hypothesis", "ruff", "import-linter"]},
     entry_points={"console_scripts": ["resnet-graph=resnet_graph.cli:main"]},
 )

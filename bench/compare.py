@@ -143,7 +143,7 @@ def torch_status():
                        capture_output=True, text=True)
     if p.returncode == 0:
         return True, p.stdout.strip()
-    lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+    lines = [line for line in p.stderr.strip().splitlines() if line.strip()]
     return False, lines[-1] if lines else f"exit code {p.returncode}"
 
 
@@ -197,7 +197,7 @@ def run_json(argv, timeout):
             if p.returncode == 0:
                 return result, None
             break
-    tail = [l for l in (p.stderr + p.stdout).strip().splitlines() if l.strip()][-3:]
+    tail = [line for line in (p.stderr + p.stdout).strip().splitlines() if line.strip()][-3:]
     return None, f"exit code {p.returncode}: " + " | ".join(tail)
 
 
@@ -261,7 +261,9 @@ def tables(summary, args, flops):
         best_any = max((m["gflops"] for (b, d), m in mm.items() if d == row["precision"]),
                        default=None)
         runs = ", ".join(f"{x:.1f}" for x in row["runs"]) or "failed"
-        pct = lambda top: None if (ips is None or not top) else 100 * row["gflops"] / top
+
+        def pct(top, ips=ips, row=row):
+            return None if (ips is None or not top) else 100 * row["gflops"] / top
         out.append(f"| {FRAMEWORKS[row['framework']]} | {row['precision']} | {fmt(ips)} | {runs} "
                    f"| {fmt(None if ips is None or not base else ips / base, '.2f')} "
                    f"| {fmt(row['gflops'])} | {fmt(pct(ceiling))} | {fmt(pct(best_any))} |")
@@ -324,7 +326,7 @@ def section(summary, args, flops, meta):
                  f"other, {args.repeats} round{'s' * (args.repeats > 1)}"
                  f"{', alternating order' if args.repeats > 1 else ''}.")
     lines.append("")
-    lines += [f"- {l}" for l in machine_lines(meta["torch"])]
+    lines += [f"- {line}" for line in machine_lines(meta["torch"])]
     lines.append(f"- Load average (1, 5, 15 min) before: {meta['load_before']}, after: "
                  f"{meta['load_after']} (other work on the machine slows every number; "
                  f"PyTorch's OpenMP threads suffer most when a core is busy)")

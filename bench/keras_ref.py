@@ -16,8 +16,14 @@ import os
 import sys
 import time
 
-from common import (EXPECTED_PARAMS, NUM_CLASSES, STAGE_FILTERS, check_training_args, cpu_name,
-                    training_parser)
+from common import (
+    EXPECTED_PARAMS,
+    NUM_CLASSES,
+    STAGE_FILTERS,
+    check_training_args,
+    cpu_name,
+    training_parser,
+)
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -93,9 +99,9 @@ def build_model(keras, depth):
 
 def main(argv=None):
     args = parse_args(argv)
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
 
     if args.precision == "bf16":
         keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 from resnet_graph.config import TrainConfig
-from resnet_graph.graph import build_train_graph, session_config
-from resnet_graph.runtime import load_tensorflow
+from resnet_graph.graph import build_train_graph
+from resnet_graph.runtime import load_tensorflow, session_config
 
 tf = load_tensorflow()
 tf1 = tf.compat.v1

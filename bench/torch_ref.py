@@ -17,9 +17,14 @@ import os
 import sys
 import time
 
-from common import (EXPECTED_PARAMS, NUM_CLASSES, STAGE_FILTERS, check_training_args, cpu_name,
-                    training_parser)
-
+from common import (
+    EXPECTED_PARAMS,
+    NUM_CLASSES,
+    STAGE_FILTERS,
+    check_training_args,
+    cpu_name,
+    training_parser,
+)
 
 
 def parse_args(argv=None):

@@ -5,7 +5,7 @@
 
 What it does:
 
-1. writes a small synthetic CIFAR-10 folder (``data.write_synthetic_cifar``);
+1. writes a small synthetic CIFAR-10 folder (``write_synthetic_cifar`` of tests/synthetic.py);
 2. trains the reference: one uninterrupted run (``<work>/straight``) of
    ``resnet-graph train original --depth 8 --batch-size 50 --valid-size 50 --epochs E``;
 3. trains the same run again in ``<work>/killed`` and sends it SIGKILL ``--kills`` times,
@@ -51,7 +51,11 @@ from collections import Counter
 
 import numpy as np
 
-from resnet_graph import data, history
+from resnet_graph import fetch, history
+
+# The synthetic data set is test tooling (tests/synthetic.py), not part of the package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from synthetic import write_synthetic_cifar  # noqa: E402
 
 MODEL, DEPTH, BATCH, VALID = "original", 8, 50, 50
 NAME = f"{MODEL}-{DEPTH}"
@@ -128,7 +132,7 @@ def train_args(data_dir, out, epochs: int, seed: int, resume: bool) -> list[str]
 
 def child_env() -> dict:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop(data.ENV_DATA_DIR, None)
+    env.pop(fetch.ENV_DATA_DIR, None)
     return env
 
 
@@ -383,7 +387,7 @@ def torture(kills: int, seed: int, work, *, epochs: int | None = None, n_per_bat
     rng = random.Random(seed)
     epochs = epochs or max(4, (kills * 2 + 2) // 3)
     spe = steps_per_epoch(n_per_batch)
-    data_dir = data.write_synthetic_cifar(work / "cifar", n_train_per_batch=n_per_batch,
+    data_dir = write_synthetic_cifar(work / "cifar", n_train_per_batch=n_per_batch,
                                           n_test=100, seed=seed)
     log(f"reference: {epochs} epochs x {spe} steps, uninterrupted ...")
     ref = run_reference(data_dir, work, epochs, seed, timeout)

@@ -4,14 +4,11 @@ A Saver checkpoint is written as new ``.index``/``.data`` files and only then
 named in the ``checkpoint`` state file, which TensorFlow replaces atomically;
 so a process that dies while saving leaves the previous checkpoint as the
 latest one. ``config.json`` is written to a temporary file, synced and
-renamed for the same reason.
+renamed for the same reason (resnet_graph.fsutil).
 """
 
 import contextlib
-import errno
-import fcntl
 import json
-import os
 import pathlib
 from typing import Optional
 
@@ -19,6 +16,7 @@ import tensorflow as tf
 
 from .config import CONFIG_FILE, TrainConfig
 from .errors import CheckpointError
+from .fsutil import LockBusy, atomic_write_text, exclusive_lock, temp_pattern
 
 tf1 = tf.compat.v1
 
@@ -26,32 +24,6 @@ CHECKPOINT_PREFIX = "model.ckpt"
 LOCK_FILE = ".lock"
 BEST_DIR = "best"            # <run>/best/: the checkpoint with the best validation accuracy
 BEST_INFO = "best.json"      # <run>/best/best.json: its epoch and validation accuracy
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_config(run_dir, cfg: TrainConfig, **extra) -> None:
@@ -170,16 +142,18 @@ def _first_line(error) -> str:
 @contextlib.contextmanager
 def run_lock(run_dir):
     """Hold an exclusive lock on the run folder for as long as a run trains in it."""
-    path = pathlib.Path(run_dir) / LOCK_FILE
-    f = open(path, "a+")
-    try:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise CheckpointError(f"run folder {run_dir} is in use by another training "
-                                      "process; wait for it or choose another --name") from None
-            raise
+            held.enter_context(exclusive_lock(pathlib.Path(run_dir) / LOCK_FILE))
+        except LockBusy:
+            raise CheckpointError(f"run folder {run_dir} is in use by another training "
+                                  "process; wait for it or choose another --name") from None
         yield
-    finally:
-        f.close()
+
+
+def is_leftover(name: str) -> bool:
+    """Whether a run folder's entry ``name`` is what a start killed before config.json
+    leaves behind: the lock file or a config.json temporary file (of this version,
+    or ``.config.json.tmp-<pid>`` of earlier ones)."""
+    return (name == LOCK_FILE or name.startswith(f".{CONFIG_FILE}.tmp-")
+            or temp_pattern(CONFIG_FILE).match(name) is not None)

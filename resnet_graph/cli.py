@@ -14,11 +14,30 @@ import pathlib
 
 import click
 
-from .config import MODEL_ALIASES, PRECISIONS, RECIPES, check_depth
+from .config import (
+    DATA_FORMATS,
+    INITS,
+    LR_SCHEDULES,
+    MODEL_ALIASES,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECIPES,
+    STRIDE_PADDINGS,
+    check_depth,
+)
 from .errors import TrainingInterrupted, UserError
 
 DEFAULT_OUT = "checkpoints"
-TF_COMMANDS = ("train", "experiment", "eval", "summary", "bench", "predict", "export", "info")
+
+
+class TFCommand(click.Command):
+    """A command that needs TensorFlow: it is imported (quietly, resnet_graph.runtime)
+    once the options are parsed, so ``--help`` and usage errors answer without it."""
+
+    def invoke(self, ctx):
+        from .runtime import load_tensorflow
+        load_tensorflow()
+        return super().invoke(ctx)
 
 
 def _depth(ctx, param, value):
@@ -41,7 +60,7 @@ EVAL_PRECISION = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto",
     show_default=True, help="Compute precision; auto: the one the run trained in (fp32 for an "
     "fp16 run without a GPU). export always writes fp32.")
-DATA_FORMAT = click.option("--data-format", type=click.Choice(["auto", "NHWC", "NCHW"]),
+DATA_FORMAT = click.option("--data-format", type=click.Choice(DATA_FORMATS),
                            default="auto", show_default=True, help="Graph layout.")
 XLA = click.option("--xla/--no-xla", default=False, show_default=True,
                    help="Compile the step with XLA.")
@@ -106,10 +125,6 @@ def cli(verbose):
     """
     if verbose:
         os.environ["RESNET_GRAPH_VERBOSE"] = "1"
-    ctx = click.get_current_context()
-    if ctx.invoked_subcommand in TF_COMMANDS:
-        from .runtime import load_tensorflow
-        load_tensorflow()
 
 
 RECIPE = click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="seed",
@@ -124,10 +139,10 @@ RECIPE_OPTIONS = [
     click.option("--epochs", type=int, callback=_positive, help="Epochs [recipe]."),
     click.option("--batch-size", type=int, callback=_positive, help="Images per step [recipe]."),
     click.option("--lr", type=float, help="Base (peak) learning rate [recipe]."),
-    click.option("--optimizer", type=click.Choice(["adam", "momentum"]), help="[recipe]"),
+    click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="[recipe]"),
     click.option("--nesterov/--no-nesterov", default=None, help="Nesterov momentum [recipe]."),
     click.option("--weight-decay", type=float, help="L2 coefficient on kernels [recipe]."),
-    click.option("--lr-schedule", type=click.Choice(["constant", "step", "cosine"]),
+    click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES),
                  help="constant; step (see --lr-boundaries); cosine (linear warm-up over "
                       "--warmup-epochs, then half cosine to 0) [recipe]."),
     click.option("--lr-boundaries", callback=lambda ctx, param, value: _steps(value),
@@ -142,11 +157,11 @@ RECIPE_OPTIONS = [
                  help="Training images held out for validation [recipe; 10000]."),
     click.option("--train-examples", type=int, callback=_positive,
                  help="Use only the first N of the remaining training images."),
-    click.option("--init", type=click.Choice(["he", "glorot"]),
+    click.option("--init", type=click.Choice(INITS),
                  help="Kernel initialisation of every convolution and the dense layer: he "
                       "(normal, variance 2/fan_in, He et al. 2015b) or glorot (uniform) "
                       "[recipe; glorot]."),
-    click.option("--stride-padding", type=click.Choice(["symmetric", "same"]),
+    click.option("--stride-padding", type=click.Choice(STRIDE_PADDINGS),
                  help="Padding of the stride-2 convolutions: symmetric (1 pixel on every "
                       "side, centred on the pixels the shortcut keeps; Caffe/Torch) or same "
                       "(TensorFlow's SAME: 0 on top/left, 1 at the bottom/right) "
@@ -182,6 +197,7 @@ def _config(model, recipe, **options):
     recipe (the file may name it), then TrainConfig's defaults.
     """
     from click.core import ParameterSource
+
     from .config import make_config, read_config_file
     options.pop("data_dir", None)
     config_file = options.pop("config_file", None)
@@ -211,7 +227,7 @@ def _config(model, recipe, **options):
         raise click.UsageError(str(e)) from None
 
 
-@cli.command()
+@cli.command(cls=TFCommand)
 @MODEL
 @DEPTH
 @RECIPE
@@ -244,7 +260,7 @@ def train(model, recipe, out, history, resume, quiet, devices, cluster_file, wor
     data-parallel run (see launch-local); only the chief writes files.
     """
     from .distributed import find_cluster
-    from .train import train_run
+    from .runs import train_run
     data_dir = options["data_dir"]
     cfg = _config(model, recipe, **options)
     cluster = find_cluster(cluster_file, worker_timeout=worker_timeout,
@@ -274,7 +290,7 @@ def _seeds(ctx, param, value):
     return seeds
 
 
-@cli.command()
+@cli.command(cls=TFCommand)
 @RECIPE
 @click.option("--models", default="original,preact,plain", show_default=True, callback=_models,
               help="Comma-separated models to train and compare.")
@@ -295,6 +311,7 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
     runs are kept and the unfinished one continues from its checkpoint.
     """
     import sys
+
     from .experiment import plan, run_experiment
     out = out or pathlib.Path(DEFAULT_OUT) / f"experiment-{recipe}-{depth}"
     base = _config(models[0], recipe, depth=depth, **options)
@@ -308,7 +325,7 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
         click.echo(f"report: {report['report']}")
 
 
-@cli.command("eval")
+@cli.command("eval", cls=TFCommand)
 @click.option("--ckpt", "run_dir", required=True,
               type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Run folder written by 'resnet-graph train'.")
@@ -326,8 +343,8 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def eval_cmd(run_dir, split, batch_size, best, precision, data_dir, plot_dir, tta, as_json):
     """Evaluate the latest (or --best) checkpoint of a run on the test or validation split."""
-    from .evaluate import evaluate_run
     from .data import CLASS_NAMES
+    from .evaluate import evaluate_run
     m = evaluate_run(run_dir, split=split, batch_size=batch_size, data_dir=data_dir, best=best,
                      plot_dir=plot_dir, precision=precision, flip=tta == "flip")
     if as_json:
@@ -364,7 +381,7 @@ def plot(histories, out, run_list):
         click.echo(str(path))
 
 
-@cli.command()
+@cli.command(cls=TFCommand)
 @MODEL
 @DEPTH
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
@@ -376,14 +393,14 @@ def summary(model, depth, as_json):
     click.echo(json.dumps(s) if as_json else format_summary(s))
 
 
-@cli.command()
+@cli.command(cls=TFCommand)
 @MODEL
 @DEPTH
 @click.option("--batch-size", type=int, default=100, show_default=True, callback=_positive)
 @click.option("--steps", type=int, default=50, show_default=True, callback=_positive,
               help="Timed training steps (after --warmup steps).")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "momentum"]), default="adam",
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam",
               show_default=True)
 @click.option("--augment/--no-augment", default=False, show_default=True)
 @click.option("--input", "input_mode", type=click.Choice(["graph", "feed"]), default="graph",
@@ -437,7 +454,7 @@ def launch_local_cmd(workers, ps, grace, command):
     ctx.exit(launch_local(list(command), workers, grace=grace))
 
 
-@cli.command()
+@cli.command(cls=TFCommand)
 @click.option("--ckpt", "run_dir", required=True,
               type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Run folder written by 'resnet-graph train'.")
@@ -464,7 +481,7 @@ def predict(run_dir, images, top_k, best, precision, as_json):
         click.echo(f"{r.source}: {ranked}")
 
 
-@cli.command()
+@cli.command(cls=TFCommand)
 @click.option("--ckpt", "run_dir", required=True,
               type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Run folder written by 'resnet-graph train'.")
@@ -502,12 +519,12 @@ def recipes(as_json):
         click.echo(f"{name}: {RECIPE_NOTES.get(name, '')}")
 
 
-@cli.command()
+@cli.command(cls=TFCommand)
 @DATA_DIR
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def info(data_dir, as_json):
     """TensorFlow, devices, what --precision/--data-format auto pick, and the data folder."""
-    from .runtime import environment_info
+    from .inspection import environment_info
     facts = environment_info(data_dir)
     if as_json:
         click.echo(json.dumps(facts))

@@ -10,6 +10,8 @@ import json
 import math
 from typing import Optional, Tuple
 
+from .errors import UserError
+
 MODEL_ALIASES = {
     "original": "original",
     "preact": "preact",
@@ -229,6 +231,25 @@ def make_config(model: str, recipe: str = "seed", **overrides) -> TrainConfig:
 # file passed back with --config may hold them and they are skipped.
 RUN_FACTS = {"normalization", "data_dir", "resolved_precision", "resolved_data_format",
              "train_images", "valid_images", "devices", "workers"}
+
+
+def run_facts(**facts) -> dict:
+    """The run facts that config.json stores beside the options: exactly the keys of
+    :data:`RUN_FACTS` (a missing or unknown one is a programming error)."""
+    if set(facts) != RUN_FACTS:
+        raise TypeError(f"run facts {sorted(set(facts) ^ RUN_FACTS)} missing or unknown")
+    return facts
+
+
+def check_batch_split(batch_size: int, devices: int, workers: int = 1, *, error=None) -> None:
+    """Refuse a global batch that does not split evenly between ``workers``
+    processes x ``devices`` towers (``error``: the exception class, UserError
+    by default)."""
+    shares = devices * workers
+    if batch_size % shares:
+        raise (error or UserError)(
+            f"batch size {batch_size} does not split evenly between {workers} worker(s) x "
+            f"{devices} device(s); choose a --batch-size that is a multiple of {shares}")
 
 
 def read_config_file(path) -> dict:

@@ -1,4 +1,5 @@
-"""CIFAR-10 on disk: find, download, verify, parse, split, normalise and augment.
+"""CIFAR-10 on disk: the file formats, the layouts of a folder, the split and the
+normalisation statistics (finding and downloading the files: resnet_graph.fetch).
 
 Everything here is plain numpy and the standard library so that the data path
 can be tested (and used by plotting or tooling) without TensorFlow.
@@ -19,30 +20,19 @@ with a one-line message that says what to do.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import http.client
 import importlib
 import io
 import math
 import os
 import pickle
-import shutil
-import sys
-import tarfile
-import tempfile
 import urllib.error
-import urllib.parse
-import urllib.request
-import zlib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from resnet_graph import __version__
 from resnet_graph.errors import DataError
+from resnet_graph.fsutil import atomic_write_bytes
 
 CLASS_NAMES: tuple[str, ...] = (
     "airplane",
@@ -59,10 +49,6 @@ CLASS_NAMES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)  # height, width, channels of every image this module returns
 
-OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-OFFICIAL_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
-OFFICIAL_SIZE = 170052171  # bytes of cifar-10-binary.tar.gz
-
 BIN_FOLDER = "cifar-10-batches-bin"  # the folder inside the official binary archive
 PY_FOLDER = "cifar-10-batches-py"  # the folder inside the official python archive
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -71,21 +57,11 @@ META_FILE = "batches.meta.txt"
 PY_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 PY_TEST_FILE = "test_batch"
 
-ENV_DATA_DIR = "RESNET_GRAPH_DATA_DIR"
-CACHE_SUBDIR = "resnet-graph"
-
 RECORD_BYTES = 1 + 32 * 32 * 3  # one label byte, then the CHW pixels
 MAX_RECORDS = 60000  # the whole data set; a bigger file is not a CIFAR-10 batch
 
-# Limits that keep a hostile or broken download from filling the disk.
-_MAX_DOWNLOAD_BYTES = 1 << 31  # used only when the archive size is not known
-_MAX_EXTRACT_BYTES = 1 << 30  # the official archive unpacks to ~185 MB
-_MAX_ARCHIVE_MEMBERS = 10000
-_CHUNK_BYTES = 1 << 20
-
-_HINT_DATA_DIR = "pass --data-dir PATH to a folder with the CIFAR-10 binary files"
-_HINT_DOWNLOAD = "download it by hand and pass --data-dir PATH"
-_HINT_BAD_FILE = "replace the file with an official copy or " + _HINT_DATA_DIR
+HINT_DATA_DIR = "pass --data-dir PATH to a folder with the CIFAR-10 binary files"
+_HINT_BAD_FILE = "replace the file with an official copy or " + HINT_DATA_DIR
 
 
 # --------------------------------------------------------------------------- containers
@@ -180,7 +156,7 @@ def read_binary_batch(path: str | os.PathLike) -> Split:
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
-        raise DataError(f"cannot read {path} ({_reason(error)}); {_HINT_DATA_DIR}") from error
+        raise DataError(f"cannot read {path} ({reason(error)}); {HINT_DATA_DIR}") from error
     if raw.size != size:  # the file changed between stat and read
         raise DataError(f"{path} changed while it was read; {_HINT_BAD_FILE}")
     records = raw.reshape(count, RECORD_BYTES)
@@ -208,7 +184,7 @@ def write_binary_batch(path: str | os.PathLike, images: np.ndarray, labels) -> N
     records[:, 1:] = split.images.transpose(0, 3, 1, 2).reshape(len(split), -1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as out:
+    with atomic_write_bytes(path, suffix=".part", mode=0o644) as out:
         out.write(records.tobytes())
 
 
@@ -232,14 +208,14 @@ def read_python_batch(path: str | os.PathLike) -> Split:
     try:
         payload = path.read_bytes()
     except OSError as error:
-        raise DataError(f"cannot read {path} ({_reason(error)}); {_HINT_DATA_DIR}") from error
+        raise DataError(f"cannot read {path} ({reason(error)}); {HINT_DATA_DIR}") from error
     try:
         batch = _RestrictedUnpickler(io.BytesIO(payload), path).load()
     except DataError:
         raise
     except Exception as error:  # a malformed pickle can raise almost anything
         raise DataError(
-            f"{path} is not a readable CIFAR-10 python batch ({_reason(error)}); {_HINT_BAD_FILE}"
+            f"{path} is not a readable CIFAR-10 python batch ({reason(error)}); {_HINT_BAD_FILE}"
         ) from error
 
     if not isinstance(batch, dict):
@@ -325,60 +301,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return getattr(_numpy_core_module(submodule), name)
         raise DataError(
             f"{self._path}: the CIFAR-10 reader refuses to load pickled class {module}.{name}; "
-            f"use the official files or {_HINT_DATA_DIR}"
+            f"use the official files or {HINT_DATA_DIR}"
         )
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not allowed")
 
 
-# --------------------------------------------------------------------------- finding the data
-
-
-def default_cache_dir() -> Path:
-    """The user cache for downloads: ``$XDG_CACHE_HOME/resnet-graph`` or ``~/.cache/resnet-graph``."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / CACHE_SUBDIR
-
-
-def find_data_dir(
-    data_dir: str | os.PathLike | None = None,
-    *,
-    download: bool = True,
-    progress: bool = True,
-    url: str = OFFICIAL_URL,
-    md5: str | None = OFFICIAL_MD5,
-    cache_dir: str | os.PathLike | None = None,
-    allow_insecure: bool = False,
-) -> Path:
-    """Return the folder that holds the CIFAR-10 files, downloading them if needed.
-
-    Looks, in order, at ``data_dir``, then ``$RESNET_GRAPH_DATA_DIR``, then the
-    user cache (``cache_dir`` or :func:`default_cache_dir`). A given folder may
-    hold the files itself or be the parent of ``cifar-10-batches-bin/`` (or
-    ``cifar-10-batches-py/``); the folder with the files is returned. A folder
-    the user named is never replaced by another: if it lacks a file, that is an
-    error. The cache uses ``cifar-10-batches-bin/`` when complete and otherwise
-    downloads the archive with :func:`download_cifar10` (if ``download``).
-
-    Raises:
-        DataError: naming the missing file or folder, or why the download failed.
-    """
-    if data_dir is not None and str(data_dir) != "":
-        return _resolve_or_raise(Path(data_dir).expanduser(), "")[0]
-    env_dir = os.environ.get(ENV_DATA_DIR, "")
-    if env_dir:
-        return _resolve_or_raise(Path(env_dir).expanduser(), f" (from ${ENV_DATA_DIR})")[0]
-
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder = cache / BIN_FOLDER
-    if _first_missing(folder, TRAIN_FILES + (TEST_FILE,)) is None:
-        return folder.resolve()
-    if not download:
-        raise DataError(f"CIFAR-10 is not in {folder} and downloading is off; {_HINT_DATA_DIR}")
-    folder = download_cifar10(cache, url=url, md5=md5, progress=progress, allow_insecure=allow_insecure)
-    return folder.resolve()
+# --------------------------------------------------------------------------- layouts of a folder
 
 
 def _layouts(folder: Path) -> list[tuple[Path, tuple[str, ...]]]:
@@ -388,7 +318,7 @@ def _layouts(folder: Path) -> list[tuple[Path, tuple[str, ...]]]:
     return [(folder, bin_names), (folder / BIN_FOLDER, bin_names), (folder, py_names), (folder / PY_FOLDER, py_names)]
 
 
-def _first_missing(folder: Path, names: tuple[str, ...]) -> Path | None:
+def first_missing(folder: Path, names: tuple[str, ...]) -> Path | None:
     for name in names:
         if not (folder / name).is_file():
             return folder / name
@@ -398,17 +328,17 @@ def _first_missing(folder: Path, names: tuple[str, ...]) -> Path | None:
 def _resolve_layout(folder: Path) -> tuple[Path, str] | None:
     """``(folder with the files, "bin" | "py")`` for the first complete layout, else None."""
     for candidate, names in _layouts(folder):
-        if _first_missing(candidate, names) is None:
+        if first_missing(candidate, names) is None:
             return candidate.resolve(), ("bin" if names[0].endswith(".bin") else "py")
     return None
 
 
-def _resolve_or_raise(folder: Path, source: str) -> tuple[Path, str]:
+def resolve_folder(folder: Path, source: str) -> tuple[Path, str]:
     """Resolve a folder the user named to ``(folder with the files, format)``, or say what is missing."""
     if not folder.exists():
-        raise DataError(f"data folder {folder}{source} does not exist; {_HINT_DATA_DIR}")
+        raise DataError(f"data folder {folder}{source} does not exist; {HINT_DATA_DIR}")
     if not folder.is_dir():
-        raise DataError(f"data folder {folder}{source} is not a folder; {_HINT_DATA_DIR}")
+        raise DataError(f"data folder {folder}{source} is not a folder; {HINT_DATA_DIR}")
     found = _resolve_layout(folder)
     if found is not None:
         return found
@@ -418,224 +348,7 @@ def _resolve_or_raise(folder: Path, source: str) -> tuple[Path, str]:
     candidate, names = max(
         existing, key=lambda layout: (sum((layout[0] / name).is_file() for name in layout[1]), layout[0] != folder)
     )
-    raise DataError(f"CIFAR-10 file {_first_missing(candidate, names)} is missing{source}; {_HINT_DATA_DIR}")
-
-
-# --------------------------------------------------------------------------- download
-
-
-class _SchemeCheckingRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to schemes the caller allowed (no https -> http downgrade)."""
-
-    def __init__(self, allowed: tuple[str, ...]):
-        super().__init__()
-        self._allowed = allowed
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        if scheme not in self._allowed:
-            fp.close()
-            raise urllib.error.URLError(f"refused redirect to {scheme}:// URL")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def download_cifar10(
-    cache_dir: str | os.PathLike,
-    *,
-    url: str = OFFICIAL_URL,
-    md5: str | None = OFFICIAL_MD5,
-    expected_size: int | None = None,
-    progress: bool = True,
-    timeout: float = 60,
-    allow_insecure: bool = False,
-) -> Path:
-    """Download, verify and unpack the CIFAR-10 binary archive into ``cache_dir``.
-
-    The archive goes to a temporary file in ``cache_dir``; its size (when known)
-    and MD5 are checked before it is opened. It is unpacked into a temporary
-    folder after every member has been checked (only regular files and folders,
-    no absolute paths, no ``..``), and the finished ``cifar-10-batches-bin``
-    folder is then moved into place with one rename. Whatever happens, the
-    temporary files are removed, so a failure leaves nothing half-written.
-
-    Args:
-        cache_dir: where ``cifar-10-batches-bin/`` ends up (created if needed).
-        url: the archive; only ``https://`` unless ``allow_insecure``, which also
-            permits ``http://`` and ``file://`` (for tests and local mirrors).
-        md5: expected MD5 of the archive (hex). Required: an unverified archive
-            is never unpacked.
-        expected_size: expected size in bytes; ``None`` means ``OFFICIAL_SIZE``
-            for ``OFFICIAL_URL`` and unknown for any other URL.
-        progress: show a progress bar on stderr (only if stderr is a terminal).
-        timeout: seconds to wait on the network before giving up.
-
-    Returns:
-        The path of the extracted ``cifar-10-batches-bin`` folder.
-
-    Raises:
-        DataError: on any failure, saying to download the archive by hand.
-    """
-    allowed = ("https", "http", "file") if allow_insecure else ("https",)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in allowed:
-        raise DataError(f"refusing to download CIFAR-10 from {url}: only https:// URLs are allowed; {_HINT_DOWNLOAD}")
-    if not md5:
-        raise DataError(
-            f"refusing to download CIFAR-10 from {url} without an MD5 to check it against; {_HINT_DOWNLOAD}"
-        )
-    if expected_size is None and url == OFFICIAL_URL:
-        expected_size = OFFICIAL_SIZE
-
-    cache = Path(cache_dir).expanduser()
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(f"cannot create the cache folder {cache} ({_reason(error)}); {_HINT_DOWNLOAD}") from error
-
-    archive: Path | None = None
-    workdir: Path | None = None
-    try:
-        handle, name = tempfile.mkstemp(prefix=".cifar-10-download-", suffix=".tar.gz.part", dir=cache)
-        archive = Path(name)
-        with os.fdopen(handle, "wb") as out:
-            size, digest = _fetch(url, out, allowed, expected_size, progress, timeout)
-        if expected_size is not None and size != expected_size:
-            raise DataError(f"the download from {url} has {size} bytes, expected {expected_size}; {_HINT_DOWNLOAD}")
-        if digest != md5.lower():
-            raise DataError(f"the download from {url} has MD5 {digest}, expected {md5.lower()}; {_HINT_DOWNLOAD}")
-
-        workdir = Path(tempfile.mkdtemp(prefix=".cifar-10-extract-", dir=cache))
-        _safe_extract(archive, workdir / "archive", url)
-        extracted = workdir / "archive" / BIN_FOLDER
-        missing = _first_missing(extracted, TRAIN_FILES + (TEST_FILE,))
-        if missing is not None:
-            raise DataError(
-                f"the archive from {url} lacks {BIN_FOLDER}/{missing.name}: not the CIFAR-10 binary version; "
-                f"{_HINT_DOWNLOAD}"
-            )
-        target = cache / BIN_FOLDER
-        previous = workdir / "previous"
-        if os.path.lexists(target):
-            # os.replace cannot overwrite a non-empty folder: move the old one
-            # into the work folder (removed below) first, and back on failure.
-            os.replace(target, previous)
-        try:
-            os.replace(extracted, target)
-        except OSError:
-            if os.path.lexists(previous) and not os.path.lexists(target):
-                os.replace(previous, target)
-            raise
-        return target
-    except DataError:
-        raise
-    except (OSError, tarfile.TarError, EOFError, zlib.error, http.client.HTTPException, ValueError) as error:
-        if isinstance(error, urllib.error.HTTPError):
-            error.close()  # it holds the open response
-        raise DataError(f"could not download CIFAR-10 from {url} ({_reason(error)}); {_HINT_DOWNLOAD}") from error
-    finally:
-        if archive is not None:
-            with contextlib.suppress(OSError):
-                archive.unlink()
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _fetch(url, out, allowed, expected_size, progress, timeout) -> tuple[int, str]:
-    """Stream ``url`` into ``out``; return (bytes written, hex MD5)."""
-    opener = urllib.request.build_opener(_SchemeCheckingRedirects(allowed))
-    request = urllib.request.Request(url, headers={"User-Agent": f"resnet-graph/{__version__}"})
-    limit = expected_size if expected_size is not None else _MAX_DOWNLOAD_BYTES
-    digest = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with opener.open(request, timeout=timeout) as response:
-        length = response.headers.get("Content-Length", "")
-        total = int(length) if length.isdigit() else None
-        if total is not None and (total > limit or (expected_size is not None and total != expected_size)):
-            expected = f"expected {expected_size}" if expected_size is not None else f"expected at most {limit}"
-            raise DataError(f"the download from {url} has {total} bytes, {expected}; {_HINT_DOWNLOAD}")
-        stderr = sys.stderr
-        show = progress and stderr is not None and stderr.isatty()
-        with tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=Path(urllib.parse.urlsplit(url).path).name or "CIFAR-10",
-            disable=not show,
-            file=stderr,
-            leave=False,
-        ) as bar:
-            while True:
-                chunk = response.read(_CHUNK_BYTES)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > limit:
-                    raise DataError(f"the download from {url} is larger than {limit} bytes; {_HINT_DOWNLOAD}")
-                digest.update(chunk)
-                out.write(chunk)
-                bar.update(len(chunk))
-    return size, digest.hexdigest()
-
-
-def _safe_extract(archive: Path, dest: Path, url: str) -> None:
-    """Unpack ``archive`` into the new folder ``dest`` after checking every member.
-
-    All members are checked before the first byte is written, so a refused
-    archive leaves nothing behind. Files are written by this code (never by
-    ``tarfile.extract``), so no link, device, owner or mode from the archive
-    ever reaches the disk.
-    """
-    with tarfile.open(archive, "r:*") as tar:
-        members = tar.getmembers()
-        if len(members) > _MAX_ARCHIVE_MEMBERS:
-            raise DataError(f"the archive from {url} has {len(members)} members, too many; {_HINT_DOWNLOAD}")
-        planned: list[tuple[tarfile.TarInfo, tuple[str, ...]]] = []
-        total = 0
-        for member in members:
-            parts = _safe_member_parts(member, url)
-            total += member.size if member.isreg() else 0
-            if total > _MAX_EXTRACT_BYTES:
-                raise DataError(
-                    f"the archive from {url} unpacks to more than {_MAX_EXTRACT_BYTES} bytes; {_HINT_DOWNLOAD}"
-                )
-            planned.append((member, parts))
-
-        dest.mkdir()
-        for member, parts in planned:
-            target = dest.joinpath(*parts)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            if source is None:  # cannot happen for a regular file; be explicit anyway
-                raise DataError(f"the archive from {url} has an unreadable member {member.name!r}; {_HINT_DOWNLOAD}")
-            with source, open(target, "xb") as sink:  # "x": never write through anything already there
-                shutil.copyfileobj(source, sink, _CHUNK_BYTES)
-
-
-def _safe_member_parts(member: tarfile.TarInfo, url: str) -> tuple[str, ...]:
-    """The path components of a member, or DataError if it is not safe to unpack."""
-    name = member.name
-
-    def refuse(why: str):
-        return DataError(f"the archive from {url} has an unsafe member {name!r} ({why}); {_HINT_DOWNLOAD}")
-
-    if not (member.isreg() or member.isdir()):
-        kind = "symlink" if member.issym() else "hard link" if member.islnk() else "device or special file"
-        raise refuse(kind)
-    if not name or "\x00" in name or "\\" in name:
-        raise refuse("bad name")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise refuse("absolute path")
-    parts = PurePosixPath(name).parts
-    if ".." in parts:
-        raise refuse("'..' in path")
-    parts = tuple(part for part in parts if part != ".")
-    if not parts and not member.isdir():
-        raise refuse("bad name")
-    return parts
+    raise DataError(f"CIFAR-10 file {first_missing(candidate, names)} is missing{source}; {HINT_DATA_DIR}")
 
 
 # --------------------------------------------------------------------------- loading and splitting
@@ -650,7 +363,7 @@ def load_cifar10(
 ) -> Cifar10:
     """Read CIFAR-10 from ``data_dir`` and split off a validation set.
 
-    ``data_dir`` is resolved like in :func:`find_data_dir` (the folder with the
+    ``data_dir`` is resolved like in ``fetch.find_data_dir`` (the folder with the
     files or its parent); the binary files are preferred over the python ones.
 
     The split: ``np.random.default_rng(seed).permutation(N)`` of the N training
@@ -665,7 +378,7 @@ def load_cifar10(
     valid_size = _as_int("valid size", valid_size)
     if train_examples is not None:
         train_examples = _as_int("train examples", train_examples)
-    folder, fmt = _resolve_or_raise(Path(data_dir).expanduser(), "")
+    folder, fmt = resolve_folder(Path(data_dir).expanduser(), "")
     if fmt == "bin":
         reader, train_names, test_name = read_binary_batch, TRAIN_FILES, TEST_FILE
     else:
@@ -743,107 +456,6 @@ def channel_stats(images: np.ndarray, *, chunk: int = 4096) -> tuple[tuple[float
     return tuple(float(m) for m in mean_array), tuple(float(math.sqrt(d / count)) for d in deviations)
 
 
-def pad_crop_flip(images: np.ndarray, rng) -> np.ndarray:
-    """Reference augmentation: 4-pixel zero pad, random crop back to size, random flip.
-
-    For each image independently: pad 4 zero pixels on every side, cut a window
-    of the original size at a uniformly random offset (0..8 in each direction),
-    and mirror it left-right with probability 1/2. This is the standard CIFAR
-    augmentation (He et al. 2016); the graph's version is tested against it.
-
-    Random draws, in this order: ``integers(0, 9, N)`` row offsets,
-    ``integers(0, 9, N)`` column offsets, ``random(N) < 0.5`` flips.
-
-    Args:
-        images: ``[N, H, W, C]`` of any dtype; the output has the same shape and dtype.
-        rng: a ``numpy.random.Generator`` (or a seed for one).
-    """
-    pad = 4
-    rng = np.random.default_rng(rng)
-    images = np.asarray(images)
-    count, height, width = images.shape[:3]
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows = rng.integers(0, 2 * pad + 1, size=count)
-    cols = rng.integers(0, 2 * pad + 1, size=count)
-    flips = rng.random(count) < 0.5
-    row_index = rows[:, None] + np.arange(height)
-    steps = np.where(flips[:, None], np.arange(width - 1, -1, -1), np.arange(width))
-    col_index = cols[:, None] + steps
-    return padded[np.arange(count)[:, None, None], row_index[:, :, None], col_index[:, None, :]]
-
-
-# --------------------------------------------------------------------------- synthetic data
-
-
-# Well separated colours, one per class, so the class shows in every crop.
-_SYNTHETIC_COLOURS = (
-    (220, 40, 40),
-    (40, 200, 40),
-    (40, 40, 220),
-    (220, 220, 40),
-    (220, 40, 220),
-    (40, 220, 220),
-    (235, 235, 235),
-    (25, 25, 25),
-    (128, 128, 128),
-    (230, 140, 30),
-)
-
-
-def synthetic_split(n: int, rng, *, learnable: bool = True) -> Split:
-    """``n`` synthetic images with balanced labels, drawn from ``rng``.
-
-    With ``learnable`` each class has its own colour and stripe pattern
-    (stripes 1, 2, 4, 8 or 16 pixels wide, horizontal for even classes and
-    vertical for odd ones) plus uniform noise of +-40, so a tiny network learns
-    it in a few steps. Without it, pixels and labels are uniform noise.
-    """
-    rng = np.random.default_rng(rng)
-    if not learnable:
-        images = rng.integers(0, 256, size=(n, *IMAGE_SHAPE), dtype=np.uint8)
-        return Split(images, rng.integers(0, NUM_CLASSES, size=n).astype(np.int32))
-    labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.int32)
-    coords = np.arange(32)
-    patterns = np.empty((NUM_CLASSES, 32, 32), dtype=np.int16)
-    for c in range(NUM_CLASSES):
-        stripes = ((coords // (2 ** (c // 2))) % 2) * 60 - 30
-        patterns[c] = stripes[:, None] if c % 2 == 0 else stripes[None, :]
-    noise = rng.integers(-40, 41, size=(n, *IMAGE_SHAPE), dtype=np.int16)
-    colours = np.array(_SYNTHETIC_COLOURS, dtype=np.int16)
-    pixels = colours[labels][:, None, None, :] + patterns[labels][..., None] + noise
-    return Split(np.clip(pixels, 0, 255).astype(np.uint8), labels)
-
-
-def write_synthetic_cifar(
-    directory: str | os.PathLike,
-    n_train_per_batch: int = 100,
-    n_test: int = 100,
-    seed: int = 0,
-    learnable: bool = True,
-) -> Path:
-    """Write a small, deterministic CIFAR-10 look-alike for tests.
-
-    Writes ``data_batch_1.bin`` ... ``data_batch_5.bin`` (``n_train_per_batch``
-    records each), ``test_batch.bin`` (``n_test``) and ``batches.meta.txt``
-    straight into ``directory`` (created if needed), using
-    :func:`synthetic_split`. The same arguments always give the same bytes.
-
-    Returns:
-        ``directory`` as a Path, ready for :func:`load_cifar10` (pass a
-        ``valid_size`` below ``5 * n_train_per_batch``).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for name in TRAIN_FILES:
-        split = synthetic_split(n_train_per_batch, rng, learnable=learnable)
-        write_binary_batch(directory / name, split.images, split.labels)
-    split = synthetic_split(n_test, rng, learnable=learnable)
-    write_binary_batch(directory / TEST_FILE, split.images, split.labels)
-    (directory / META_FILE).write_text("\n".join(CLASS_NAMES) + "\n\n", encoding="ascii")
-    return directory
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -851,11 +463,11 @@ def _file_size(path: Path) -> int:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise DataError(f"CIFAR-10 file {path} is missing; {_HINT_DATA_DIR}") from None
+        raise DataError(f"CIFAR-10 file {path} is missing; {HINT_DATA_DIR}") from None
     except OSError as error:
-        raise DataError(f"cannot read {path} ({_reason(error)}); {_HINT_DATA_DIR}") from error
+        raise DataError(f"cannot read {path} ({reason(error)}); {HINT_DATA_DIR}") from error
     if not path.is_file():
-        raise DataError(f"{path} is not a file; {_HINT_DATA_DIR}")
+        raise DataError(f"{path} is not a file; {HINT_DATA_DIR}")
     return info.st_size
 
 
@@ -875,28 +487,13 @@ def _as_int(what: str, value) -> int:
     return int(value)
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """Open a temporary file beside ``path`` and rename it over ``path`` on success."""
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            yield out
-        os.chmod(name, 0o644)
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-        raise
-
-
 def _describe_array(value) -> str:
     if isinstance(value, np.ndarray):
         return f"{value.dtype} array of shape {value.shape}"
     return type(value).__name__
 
 
-def _reason(error: BaseException) -> str:
+def reason(error: BaseException) -> str:
     """A short one-line description of an exception for an error message."""
     if isinstance(error, urllib.error.HTTPError):
         text = f"HTTP {error.code} {error.reason}"

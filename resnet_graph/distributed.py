@@ -8,7 +8,7 @@ JSON: ``{"cluster": {"chief": ["host:port"], "worker": ["host:port", ...]},
 Mechanism: every process runs a ``tf.distribute.Server`` and its own copy of
 the single-process graph (variables included), built for its rank: it reads
 rows ``rank * b:(rank + 1) * b`` (b = global batch / workers) of every global
-batch of ``train.epoch_order``, so the workers read disjoint shards of each
+batch of ``inputs.epoch_order``, so the workers read disjoint shards of each
 epoch and together exactly the batches of a single-process run. A step
 packs the (tower-averaged) gradients, the loss and accuracy, the batch-norm
 statistics deltas and a stop flag into one vector, averages it over all
@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Tuple
 import tensorflow as tf
 
 from .errors import TrainingInterrupted, UserError
-from .graph import build_train_graph, session_config
+from .replicate import build_replicated_graph
 from .train import Trainer, TrainingError
 
 tf1 = tf.compat.v1
@@ -183,7 +183,7 @@ def _split(packed, shapes):
 
 
 class StepReducer:
-    """The ``reduce`` of :func:`graph.build_train_graph` for ``workers`` processes.
+    """The ``reduce`` of :func:`replicate.build_replicated_graph` for ``workers`` processes.
 
     One all-reduce per step averages the gradients and the batch-norm statistics
     deltas (``values``: every process applies the averaged delta to the same
@@ -272,11 +272,11 @@ class DistributedTrainer(Trainer):
         c, ds = self.cluster, self.dataset
         with tf.device(c.device_prefix + "/device:CPU:0"):
             self.reducer = StepReducer(c.workers, c.worker_timeout)
-        t = build_train_graph(self.cfg, ds.mean, ds.std, len(ds.train),
-                              precision=self.precision, data_format=self.data_format,
-                              devices=self.devices, device_type=self.device_type,
-                              shard=(c.rank, c.workers), reduce=self.reducer,
-                              device_prefix=c.device_prefix)
+        t = build_replicated_graph(self.cfg, ds.mean, ds.std, len(ds.train),
+                                   precision=self.precision, data_format=self.data_format,
+                                   devices=self.devices, device_type=self.device_type,
+                                   shard=(c.rank, c.workers), reduce=self.reducer,
+                                   device_prefix=c.device_prefix)
         with tf.device(c.device_prefix + "/device:CPU:0"):
             self.sync_op, self.fingerprints = self._broadcast_from_chief()
             self.barrier = _all_reduce(tf.ones([1]), c.workers, BARRIER_KEY, "Id",
@@ -304,7 +304,7 @@ class DistributedTrainer(Trainer):
 
     def make_session(self, graph):
         c = self.cluster
-        config = session_config(self.devices if self.device_type == "CPU" else 1)
+        config = self.session_config()
         config.experimental.collective_group_leader = c.leader
         config.device_filters.append(c.device_prefix)
         address = c.jobs[c.task_type][c.task_index]

@@ -17,15 +17,15 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from . import checkpoint, data
+from . import checkpoint, data, fetch
 from .config import TrainConfig
+from .data import NUM_CLASSES
 from .errors import DataError
-from .graph import (attach_model, gpu_available, resolve_data_format, restore_variables,
-                    session_config)
+from .graph import attach_model, restore_variables
+from .precision import eval_precision, resolve_data_format
+from .runtime import session_config
 
 tf1 = tf.compat.v1
-
-NUM_CLASSES = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +90,6 @@ def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: s
                    tta="flip" if flip else "none")
 
 
-def eval_precision(saved: str) -> str:
-    """Precision to evaluate a run trained in ``saved``: fp16 only where a GPU runs it."""
-    if saved == "fp16" and not gpu_available():
-        return "fp32"
-    return saved if saved in ("fp32", "fp16", "bf16") else "fp32"
-
-
 @contextlib.contextmanager
 def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
     """Rebuild the model of ``run_dir`` from its config.json in a new graph and
@@ -144,7 +137,7 @@ def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
     checkpoint.require_latest(run_dir, best=best)   # before loading the data
-    folder = data.find_data_dir(data_dir or saved.get("data_dir"), progress=False)
+    folder = fetch.find_data_dir(data_dir or saved.get("data_dir"), progress=False)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
     chosen = {"test": dataset.test, "valid": dataset.valid, "train": dataset.train}[split]

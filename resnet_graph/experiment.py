@@ -22,16 +22,16 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import checkpoint, history
-from .checkpoint import atomic_write_text
-from .config import TrainConfig, canonical_model
+from .config import RUN_FACTS, TrainConfig, canonical_model
 from .errors import TrainingInterrupted, UserError
+from .fsutil import atomic_write_text
 
 HISTORY_FILE = "histories.h5"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-# Keys of config.json that describe the machine or the data location, not the set-up.
-NOT_SETUP = {"name", "epochs", "normalization", "data_dir", "resolved_precision",
-             "resolved_data_format", "train_images", "valid_images"}
+# Keys of config.json that are not the set-up: the run's name and length, and the
+# facts of the machine and the data (config.RUN_FACTS).
+NOT_SETUP = {"name", "epochs"} | RUN_FACTS
 
 
 def run_name(model: str, depth: int, seed: int) -> str:
@@ -52,14 +52,15 @@ def plan(base: TrainConfig, models: Sequence[str], seeds: Sequence[int]) -> list
         raise UserError(str(e)) from None
 
 
-def run_state(out: pathlib.Path, cfg: TrainConfig) -> str:
+def run_state(out: pathlib.Path, cfg: TrainConfig, *, guard: bool = True) -> str:
     """``new``, ``partial``, ``finished``, ``failed`` or ``lost`` (unfinished in the
-    history, but its run folder with the checkpoints is gone) for run ``cfg.name``."""
+    history, but its run folder with the checkpoints is gone) for run ``cfg.name``.
+    ``guard``: as in history.read_history (False once the file has been vetted)."""
     path = out / HISTORY_FILE
     started = (out / cfg.name / "config.json").is_file()
-    if not path.exists() or not history.has_run(path, cfg.name):
+    if not path.exists() or not history.has_run(path, cfg.name, guard=guard):
         return "partial" if started else "new"
-    run = history.read_run(path, cfg.name)
+    run = history.read_run(path, cfg.name, guard=guard)
     if run.attrs.get("status") == "failed":
         return "failed"
     if "test_acc" in run.attrs and run.epochs >= cfg.epochs:
@@ -82,11 +83,16 @@ def check_same_setup(out: pathlib.Path, cfg: TrainConfig) -> None:
 def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet: bool = False,
                    log: Callable[[str], None] = print, command: str = "") -> dict:
     """Train every run of ``configs`` that is not finished, then write the report."""
-    from .train import TrainingError, train_run   # TensorFlow only when training
+    from .runs import train_run  # TensorFlow only when training
+    from .train import TrainingError
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if (out / HISTORY_FILE).exists():
+        # A history that was there before (perhaps from elsewhere) is read once in a
+        # forked child with a time limit; from then on it is the file these runs write.
+        history.run_names(out / HISTORY_FILE, guard=True)
     for i, cfg in enumerate(configs, 1):
-        state = run_state(out, cfg)
+        state = run_state(out, cfg, guard=False)
         where = f"[{i}/{len(configs)}] {cfg.name}"
         if state in ("finished", "failed"):
             log(f"{where}: {state}, kept as it is")
@@ -110,7 +116,7 @@ def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet:
             raise TrainingInterrupted(
                 f"{str(e).split(';')[0]}; run the same experiment command again to continue "
                 "(finished runs are kept)", e.signal_number) from None
-    return write_report(out, configs, command=command)
+    return write_report(out, configs, command=command, guard=False)
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -174,15 +180,17 @@ def parameter_counts(configs: Sequence[TrainConfig]) -> dict:
     return counts
 
 
-def collect(out, configs: Sequence[TrainConfig], params: Optional[dict] = None) -> list:
+def collect(out, configs: Sequence[TrainConfig], params: Optional[dict] = None, *,
+            guard: bool = True) -> list:
     out = pathlib.Path(out)
     path = out / HISTORY_FILE
-    names = set(history.run_names(path)) if path.exists() else set()
+    names = set(history.run_names(path, guard=guard)) if path.exists() else set()
     params = params or {}
     rows = []
     for cfg in configs:
-        run = history.read_run(path, cfg.name) if cfg.name in names else None
-        rows.append(run_row(run, cfg, run_state(out, cfg), params.get((cfg.model, cfg.depth))))
+        run = history.read_run(path, cfg.name, guard=False) if cfg.name in names else None
+        rows.append(run_row(run, cfg, run_state(out, cfg, guard=False),
+                            params.get((cfg.model, cfg.depth))))
     return rows
 
 
@@ -276,14 +284,17 @@ def format_report(rows: Sequence[RunRow], configs: Sequence[TrainConfig], comman
     return "\n".join(lines) + "\n"
 
 
-def write_report(out, configs: Sequence[TrainConfig], *, command: str = "") -> dict:
-    """Draw the runs and write report.md and report.json; return the report as a dict."""
+def write_report(out, configs: Sequence[TrainConfig], *, command: str = "",
+                 guard: bool = True) -> dict:
+    """Draw the runs and write report.md and report.json; return the report as a dict.
+    ``guard``: as in history.read_history (False for the history an experiment wrote)."""
     from .plotting import plot_runs
     out = pathlib.Path(out)
-    rows = collect(out, configs, parameter_counts(configs))
+    rows = collect(out, configs, parameter_counts(configs), guard=guard)
     path = out / HISTORY_FILE
     names = [r.name for r in rows if r.epochs]
-    figures = [str(p) for p in plot_runs(history.read_history(path, names), out)] if names else []
+    runs = history.read_history(path, names, guard=False) if names else []
+    figures = [str(p) for p in plot_runs(runs, out)] if names else []
     atomic_write_text(out / REPORT_MD, format_report(rows, configs, command))
     report = {"recipe": configs[0].recipe, "depth": configs[0].depth, "command": command,
               "runs": [_json_ready(dataclasses.asdict(r)) for r in rows],

@@ -1,8 +1,13 @@
-"""Attach a model to a ``tf.Graph``: inputs, loss, metrics, optimizer, precision.
+"""Attach a model to a ``tf.Graph``: placeholders, the network, loss, metrics,
+learning rate, optimizer and the weight average.
 
-:func:`build_train_graph` makes everything one training run needs; it is the
-one place where batch-norm updates are tied to the train op. The graph's
-public tensors have names, so anything can fetch them by name as well:
+:func:`build_train_graph` makes everything a run on one device in one process
+needs (resnet_graph.replicate builds the towers of several devices and
+processes from the same pieces); :func:`minimize` is the one place where
+batch-norm updates are tied to the train op. The input pipeline is in
+resnet_graph.inputs, the precision policy and loss scaling in
+resnet_graph.precision. The graph's public tensors have names, so anything
+can fetch them by name as well:
 
 ============================  ==================================================
 name                          what
@@ -38,137 +43,33 @@ of the weights (:func:`average_weights`), and evaluation during training runs
 a second copy of the network that reads the averages
 (``TrainTensors.evaluation``, names under ``averaged/``); ``eval``, ``predict``
 and ``export`` restore the averages into the model (:func:`restore_variables`).
-
-Training data lives in the graph as local (never checkpointed) variables,
-loaded once per run: a step only feeds the index of its batch, and the batch,
-its augmentation and its normalisation are computed by TensorFlow.
 """
 
 import contextlib
 import dataclasses
-import os
 from typing import Optional
 
 import tensorflow as tf
 
 from . import models, ops
 from .config import TrainConfig
-from .errors import UserError
-from .runtime import cpu_has_bf16, gpu_count, kernel_problem, onednn_enabled
+from .inputs import TrainInput, normalise, training_input
+from .precision import (
+    COMPUTE_DTYPES,
+    LossScaling,
+    all_finite,
+    guarded_update,
+    loss_scaling_state,
+    steps_taken,
+)
 
 tf1 = tf.compat.v1
 
 MODEL_SCOPE = "model"
-COMPUTE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
-# Dynamic loss scaling (fp16): start high, halve on overflow, double after
-# this many finite steps in a row, never above the cap. The values are the
-# usual ones (Micikevicius et al. 2018; TensorFlow's DynamicLossScale).
-INITIAL_LOSS_SCALE = 2.0 ** 15
-MAX_LOSS_SCALE = 2.0 ** 24
-LOSS_SCALE_GROWTH_STEPS = 2000
 # The weight average's name: the shadow of variable v is "<v.op.name>/<EMA_NAME>"
 # in the checkpoint (TensorFlow's default name).
 EMA_NAME = "ExponentialMovingAverage"
 AVERAGED_SCOPE = "averaged"
-
-
-def gpu_available() -> bool:
-    return gpu_count() > 0
-
-
-def resolve_precision(precision: str, gpu: Optional[bool] = None,
-                      bf16_units: Optional[bool] = None,
-                      onednn: Optional[bool] = None) -> str:
-    """``auto``: fp16 (with loss scaling) on a GPU; on a CPU, bf16 where it has
-    bfloat16 units (AVX512_BF16 or AMX) *and* TensorFlow runs oneDNN, else fp32.
-
-    With oneDNN, bf16 trains ResNet-32 1.4-1.8x faster than fp32 on both CPUs
-    measured, and the whole ``fast`` recipe (30 epochs, same seed) ended 0.32
-    points of validation accuracy below fp32 and 0.09 above it on the test set
-    (docs/results.md). Without oneDNN, TensorFlow's Eigen kernels emulate
-    bfloat16 and bf16 trained 14 img/s against fp32's 125 on the EPYC with
-    bf16 units (docs/performance.md), so it is never picked there.
-    ``gpu``/``bf16_units``/``onednn`` default to what this machine has.
-    """
-    if precision != "auto":
-        return precision
-    if gpu_available() if gpu is None else gpu:
-        return "fp16"
-    if bf16_units is None:
-        bf16_units = cpu_has_bf16()
-    if onednn is None:
-        onednn = onednn_enabled()
-    return "bf16" if bf16_units and onednn else "fp32"
-
-
-def resolve_data_format(data_format: str, gpu: Optional[bool] = None,
-                        precision: str = "fp32") -> str:
-    """``auto``: NHWC on a CPU (oneDNN ran NCHW 3x slower here); on a GPU, NCHW
-    for fp32 (cuDNN's classic layout) and NHWC for fp16 (tensor-core kernels
-    are NHWC). The GPU choices follow NVIDIA's guidance and await measurement
-    by bench/gpu_check.sh."""
-    if data_format != "auto":
-        return data_format
-    if not (gpu_available() if gpu is None else gpu):
-        return "NHWC"
-    return "NHWC" if precision == "fp16" else "NCHW"
-
-
-def check_runnable(precision: str, data_format: str, xla: bool) -> None:
-    """Refuse, before anything is built or written, a resolved precision, layout
-    and XLA setting that this machine's TensorFlow cannot train, with one line
-    that names the reason and the alternative (``auto`` never picks one)."""
-    problem = kernel_problem(data_format, precision, xla)
-    if problem is None:
-        return
-    if xla and kernel_problem(data_format, precision, False) is None:
-        hint = "drop --xla"
-    elif data_format != "NHWC" and kernel_problem("NHWC", precision, xla) is None:
-        hint = "use --data-format NHWC (or auto)"
-        if not gpu_available() and not onednn_enabled():
-            hint += ", or let oneDNN's NCHW kernels run (unset TF_ENABLE_ONEDNN_OPTS)"
-    elif precision != "fp32" and kernel_problem(data_format, "fp32", xla) is None:
-        hint = "use --precision fp32 (or auto)"
-    else:
-        hint = "use --data-format auto --precision auto --no-xla"
-    device = "GPU" if gpu_available() else "CPU"
-    raise UserError(f"--data-format {data_format} --precision {precision}"
-                    f"{' --xla' if xla else ''} cannot train on this {device} with this "
-                    f"TensorFlow ({problem}); {hint}")
-
-
-def normalise(images, mean, std, data_format, dtype):
-    """uint8 NHWC pixels -> (x - mean) / std in ``data_format`` and ``dtype``."""
-    x = (tf.cast(images, tf.float32) - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
-    if data_format == "NCHW":
-        x = tf.transpose(x, [0, 3, 1, 2])
-    return tf.cast(x, dtype)
-
-
-def augment(images, seed, pad=4, *, offset=0, total=None):
-    """Pad by ``pad`` zero pixels, crop a random 32x32 window, flip half.
-
-    Each image gets its own offsets and flip, drawn by stateless ops from
-    ``seed`` (int [2]), so a resumed run sees exactly the same augmentation.
-    The crop and the flip are one pair of batched gathers. ``images`` may be
-    rows ``offset:`` of a batch of ``total`` (one worker's share of the global
-    batch): the draws are made for the whole batch and sliced, so every image
-    is augmented as it would be in a single process.
-    """
-    size = images.shape[1]
-    batch = tf.shape(images)[0]
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-    if total is None:
-        u = tf.random.stateless_uniform([batch, 3], seed=seed)
-    else:
-        u = tf.random.stateless_uniform([total, 3], seed=seed)[offset:offset + batch]
-    offsets = tf.cast(tf.floor(u[:, :2] * (2 * pad + 1)), tf.int32)
-    flip = u[:, 2] < 0.5
-    span = tf.range(size, dtype=tf.int32)
-    rows = offsets[:, :1] + span
-    cols = tf.where(flip[:, None], offsets[:, 1:] + (size - 1) - span, offsets[:, 1:] + span)
-    out = tf.gather(padded, rows, axis=1, batch_dims=1)
-    return tf.gather(out, cols, axis=2, batch_dims=1)
 
 
 def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
@@ -389,47 +290,7 @@ def training_loss(cfg: TrainConfig, t: "ModelTensors"):
                           name="smoothed_loss")
 
 
-@dataclasses.dataclass
-class LossScaling:
-    """The checkpointed state of dynamic loss scaling (fp16)."""
-
-    scale: tf1.Variable          # float32: the loss is multiplied by it
-    good_steps: tf1.Variable     # int64: finite steps since the scale last changed
-    skipped_steps: tf1.Variable  # int64: steps skipped for non-finite gradients, ever
-
-
-def loss_scaling_state() -> LossScaling:
-    """Create the loss-scaling variables (scope ``loss_scaling``).
-
-    Why not TensorFlow's ``tf.compat.v1.mixed_precision.MixedPrecisionLossScaleOptimizer``
-    (which needs no Keras): its finiteness decision stays inside its
-    ``apply_gradients``, so the batch-norm statistics cannot be made to move on
-    applied steps only; it keeps no count of skipped steps, which the position
-    in the epoch needs (see the module docstring); its ``DynamicLossScale`` has
-    no upper bound; and both are deprecated v1 APIs. The rule below is theirs.
-    """
-    with tf1.variable_scope("loss_scaling"):
-        return LossScaling(
-            scale=tf1.get_variable("scale", [], tf.float32,
-                                   tf1.constant_initializer(INITIAL_LOSS_SCALE), trainable=False),
-            good_steps=tf1.get_variable("good_steps", [], tf.int64, tf1.zeros_initializer(),
-                                        trainable=False),
-            skipped_steps=tf1.get_variable("skipped_steps", [], tf.int64,
-                                           tf1.zeros_initializer(), trainable=False))
-
-
-def steps_taken(global_step, scaling: Optional[LossScaling]):
-    """Training steps taken so far, applied or skipped (see the module docstring)."""
-    if scaling is None:
-        return global_step     # no extra op: the graph of fp32/bf16 runs is unchanged
-    return tf.add(tf.cast(global_step, tf.int64), scaling.skipped_steps, name="steps_taken")
-
-
-def all_finite(tensors):
-    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in tensors]))
-
-
-def _minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScaling],
+def minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScaling],
               statistics, compute=None):
     """Gradients, batch-norm statistics and the update; with ``scaling``, dynamic
     loss scaling.
@@ -439,7 +300,7 @@ def _minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScal
     given, returns ``(grads, deltas)`` in place of ``tf.gradients(loss * scale)
     / scale`` and the statistics' own deltas (``scale`` is None without loss
     scaling): several towers and processes average both in it (see
-    :func:`build_train_graph`).
+    resnet_graph.replicate).
 
     Returns the train op. Its control inputs are the statistics' assignments in
     UPDATE_OPS. With loss scaling the loss is multiplied by ``scale`` before
@@ -447,7 +308,7 @@ def _minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScal
     statistics hold inf/NaN is skipped: no weight, slot, statistic or
     ``global_step`` changes, ``skipped_steps`` grows and the scale halves
     (not below 1); ``LOSS_SCALE_GROWTH_STEPS`` applied steps in a row double
-    it, up to ``MAX_LOSS_SCALE``.
+    it, up to ``MAX_LOSS_SCALE`` (precision.guarded_update).
     """
     if compute is None:
         def compute(scale):
@@ -460,61 +321,31 @@ def _minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScal
         updates = ops.moving_statistics_updates(statistics, deltas)
         with tf.control_dependencies(updates):
             return optimizer.apply_gradients(zip(grads, var_list), global_step)
-    scale, good, skipped = scaling.scale, scaling.good_steps, scaling.skipped_steps
-    grads, deltas = compute(scale)
+    grads, deltas = compute(scaling.scale)
     finite = all_finite(list(grads) + list(deltas))
     updates = ops.moving_statistics_updates(statistics, deltas, gate=finite)
-
-    def apply():
-        update = optimizer.apply_gradients(zip(grads, var_list), global_step)
-        with tf.control_dependencies([update]):
-            grow = good + 1 >= LOSS_SCALE_GROWTH_STEPS
-            return tf.group(
-                scale.assign(tf.where(grow, tf.minimum(scale * 2.0, MAX_LOSS_SCALE), scale)),
-                good.assign(tf.where(grow, tf.zeros_like(good), good + 1)))
-
-    def skip():
-        return tf.group(scale.assign(tf.maximum(scale / 2.0, 1.0)),
-                        good.assign(tf.zeros_like(good)), skipped.assign_add(1))
-
     with tf.control_dependencies(updates):
-        return tf.cond(finite, apply, skip)
+        return guarded_update(scaling, finite,
+                              lambda: optimizer.apply_gradients(zip(grads, var_list), global_step))
 
 
 def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
-                      precision="fp32", data_format="NHWC", devices: int = 1,
-                      device_type: str = "CPU", shard=(0, 1), reduce=None,
-                      device_prefix: str = "") -> TrainTensors:
-    """Build a complete training graph in the default graph.
+                      precision="fp32", data_format="NHWC") -> TrainTensors:
+    """Build a complete training graph of one device and one process in the default graph.
 
     Args:
       cfg: the run's configuration.
       mean, std: per-channel normalisation of uint8 pixels (0..255 units).
       num_train: images in the training split (the in-graph data variables).
       precision, data_format: resolved values (not ``auto``).
-      devices: towers, one per device ``/device:<device_type>:i``; the
-        global batch ``cfg.batch_size`` is split evenly between them.
-      shard: (rank, workers): this process takes rows ``rank * b:(rank + 1) * b``
-        (b = batch_size / workers) of every global batch (docs/distributed.md).
-      reduce: ``reduce(values, metrics) -> (values, metrics)`` averages the
-        gradients and batch-norm statistics deltas (``values``) and the
-        ``loss``/``accuracy`` metrics across processes (see
-        resnet_graph.distributed).
-      device_prefix: ``/job:<job>/replica:0/task:<i>`` of this process, or "".
 
-    With one device, one process and no ``reduce`` the graph is the plain
-    single-device one. Otherwise see :func:`_build_replicated_graph`.
+    Several devices or processes: resnet_graph.replicate.build_replicated_graph.
     """
-    if devices > 1 or tuple(shard) != (0, 1) or reduce is not None:
-        return _build_replicated_graph(cfg, mean, std, num_train, precision=precision,
-                                       data_format=data_format, devices=devices,
-                                       device_type=device_type, shard=tuple(shard),
-                                       reduce=reduce, device_prefix=device_prefix)
     tf1.set_random_seed(cfg.seed)
     global_step = tf1.train.get_or_create_global_step()
     scaling = loss_scaling_state() if precision == "fp16" else None
     steps = steps_taken(global_step, scaling)
-    inp = _training_input(cfg, num_train, steps)
+    inp = training_input(cfg, num_train, steps)
     batch_images, batch_labels = inp.batch_images, inp.batch_labels
     # --xla: compile the model, its gradients and the update (jit_scope marks
     # every op created inside; it works on CPUs and GPUs alike).
@@ -525,10 +356,10 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         lr = learning_rate(cfg, steps, max(num_train // cfg.batch_size, 1))
         optimizer = make_optimizer(cfg, lr)
         statistics = tf1.get_collection(ops.STATISTICS_UPDATES, scope=MODEL_SCOPE)
-        train_op = _minimize(optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE),
+        train_op = minimize(optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE),
                              global_step, scaling, statistics)
     train_op, ema = average_weights(cfg, train_op, global_step)
-    tensors = _train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
+    tensors = train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
                              step_loss=t.loss, step_accuracy=t.accuracy)
     if ema is not None:
         tensors.ema = ema
@@ -537,59 +368,8 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
     return tensors
 
 
-@dataclasses.dataclass
-class _TrainInput:
-    """The in-graph training set and this process's share of one global batch."""
-
-    data_images: tf.Tensor      # uint8 [n, 32, 32, 3] placeholder, fed once per run
-    data_labels: tf.Tensor
-    images_var: tf1.Variable    # local variables holding the training set
-    labels_var: tf1.Variable
-    order: tf1.Variable         # this epoch's permutation of 0..n-1
-    permutation: tf.Tensor      # placeholder that sets ``order``
-    batch_index: tf.Tensor      # which global batch of the epoch
-    batch_images: tf.Tensor     # this process's rows of it, augmented if asked
-    batch_labels: tf.Tensor
-
-
-def _training_input(cfg: TrainConfig, num_train: int, steps, *, rank: int = 0,
-                    per_process: Optional[int] = None) -> _TrainInput:
-    """The training set as local variables and batch ``batch_index`` drawn from it.
-
-    Process ``rank`` takes rows ``rank*per_process`` onwards of each global batch
-    (all of it in a single process); augmentation is drawn for the global batch,
-    seeded by ``cfg.seed`` and ``steps`` (the steps taken so far).
-    """
-    per_process = per_process or cfg.batch_size
-    with tf1.variable_scope("input"):
-        data_images = tf1.placeholder(tf.uint8, [num_train, 32, 32, 3], name="data_images")
-        data_labels = tf1.placeholder(tf.int32, [num_train], name="data_labels")
-        local = [tf1.GraphKeys.LOCAL_VARIABLES]
-        images_var = tf1.Variable(data_images, trainable=False, collections=local,
-                                  name="train_images")
-        labels_var = tf1.Variable(data_labels, trainable=False, collections=local,
-                                  name="train_labels")
-        permutation = tf1.placeholder(tf.int32, [num_train], name="permutation")
-        order = tf1.Variable(tf.range(num_train, dtype=tf.int32), trainable=False,
-                             collections=local, name="order")
-        batch_index = tf1.placeholder_with_default(0, [], name="batch_index")
-        start = batch_index * cfg.batch_size
-        if rank:
-            start += rank * per_process
-        idx = order[start:start + per_process]
-        batch_images = tf.gather(images_var, idx)
-        batch_labels = tf.gather(labels_var, idx)
-        if cfg.augment:
-            seed = tf.stack([tf.constant(cfg.seed, tf.int64), tf.cast(steps, tf.int64)])
-            sharded = per_process != cfg.batch_size
-            batch_images = augment(batch_images, seed, offset=rank * per_process,
-                                   total=cfg.batch_size if sharded else None)
-    return _TrainInput(data_images, data_labels, images_var, labels_var, order, permutation,
-                       batch_index, batch_images, batch_labels)
-
-
-def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
-                   inp: _TrainInput, scaling: Optional[LossScaling], *, step_loss,
+def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
+                   inp: TrainInput, scaling: Optional[LossScaling], *, step_loss,
                    step_accuracy) -> TrainTensors:
     """The epoch counters and the :class:`TrainTensors` of a built training graph."""
     epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
@@ -619,141 +399,7 @@ def _train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps
         step_loss=step_loss, step_accuracy=step_accuracy)
 
 
-def _place(device_prefix: str, device: str, variables: str):
-    """A device function: variables on ``variables``, every other op on ``device``."""
-    compute, store = device_prefix + device, device_prefix + variables
-
-    def place(op):
-        return store if op.type in _VARIABLE_OPS else compute
-    return place
-
-
-_VARIABLE_OPS = frozenset({"Variable", "VariableV2", "VarHandleOp", "AutoReloadVariable"})
-
-
-def _build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *, precision,
-                            data_format, devices, device_type, shard, reduce,
-                            device_prefix) -> TrainTensors:
-    """The training graph with towers and/or a share of a multi-process step.
-
-    In-graph replication: tower i runs on ``/device:<device_type>:i`` with the
-    variables (created by tower 0, reused by the others) on ``/device:CPU:0``;
-    each tower takes its slice of this process's rows of the global batch, its
-    gradients are averaged with the others' (then across processes by
-    ``reduce``) and applied once. Batch norm: every tower normalises with its
-    own batch statistics, and only tower 0's statistics move the moving
-    averages (``reduce`` averages their deltas across processes, which gives
-    the same values as averaging the updated statistics, since every process
-    holds the same ones). The public
-    names (``images:0``, ``loss:0``, ...) are tower 0's, so evaluation feeds
-    tower 0 alone; ``step_loss``/``step_accuracy`` are the global batch's.
-    """
-    rank, workers = shard
-    if cfg.batch_size % (workers * devices):
-        raise ValueError(f"batch size {cfg.batch_size} does not split evenly between "
-                         f"{workers} process(es) x {devices} device(s)")
-    per_process = cfg.batch_size // workers
-    per_tower = per_process // devices
-    variables_device = "/device:CPU:0"
-    tf1.set_random_seed(cfg.seed)
-    with tf.device(device_prefix or None):
-        global_step = tf1.train.get_or_create_global_step()
-    with tf.device(device_prefix + variables_device):
-        scaling = loss_scaling_state() if precision == "fp16" else None
-        steps = steps_taken(global_step, scaling)
-        inp = _training_input(cfg, num_train, steps, rank=rank, per_process=per_process)
-    batch_images, batch_labels = inp.batch_images, inp.batch_labels
-    places = [_place(device_prefix, f"/device:{device_type}:{i}", variables_device)
-              for i in range(devices)]
-    towers, losses, training = [], [], None
-    with tf.xla.experimental.jit_scope() if cfg.xla else contextlib.nullcontext():
-        for i, place in enumerate(places):
-            rows = slice(i * per_tower, (i + 1) * per_tower)
-            reuse = tf1.AUTO_REUSE if i else None
-            scope = tf1.name_scope(f"tower_{i}") if i else contextlib.nullcontext()
-            with tf1.device(place), tf1.variable_scope(tf1.get_variable_scope(), reuse=reuse), \
-                    scope:
-                images = batch_images if devices == 1 else batch_images[rows]
-                labels = batch_labels if devices == 1 else batch_labels[rows]
-                t_i = attach_model(cfg, mean, std, images=images, labels=labels,
-                                   precision=precision, data_format=data_format,
-                                   training=training)
-                training = t_i.training
-                if i == 0:
-                    # Tower 0's batch-norm statistics only (see the docstring).
-                    statistics = tf1.get_collection(ops.STATISTICS_UPDATES, scope=MODEL_SCOPE)
-                    decay = weight_decay_loss(cfg)
-                    total_loss = tf.add(training_loss(cfg, t_i), decay, name="total_loss")
-                else:
-                    total_loss = training_loss(cfg, t_i) + decay
-            towers.append(t_i)
-            losses.append(total_loss)
-        t = towers[0]
-        with tf.device(device_prefix + variables_device):
-            step_loss = tf.add_n([x.loss for x in towers]) / float(devices)
-            step_accuracy = tf.add_n([x.accuracy for x in towers]) / float(devices)
-            lr = learning_rate(cfg, steps, max(num_train // cfg.batch_size, 1))
-            optimizer = make_optimizer(cfg, lr)
-        var_list = tf1.trainable_variables(MODEL_SCOPE)
-        reduced = {}
-
-        def compute(scale):
-            per_device = []
-            for place, loss in zip(places, losses):
-                with tf1.device(place):
-                    per_device.append(tf.gradients(loss if scale is None else loss * scale,
-                                                   var_list))
-            with tf.device(device_prefix + variables_device):
-                grads = [g[0] if devices == 1 else tf.add_n(list(g)) / float(devices)
-                         for g in zip(*per_device)]
-                if scale is not None:
-                    grads = [g / scale for g in grads]
-                deltas = [u.delta for u in statistics]
-                metrics = {"loss": step_loss, "accuracy": step_accuracy}
-                if reduce is not None:
-                    averaged, metrics = reduce(grads + deltas, metrics)
-                    grads, deltas = averaged[:len(grads)], averaged[len(grads):]
-                reduced.update(metrics)
-            return grads, deltas
-
-        with tf.device(device_prefix + variables_device):
-            train_op = _minimize(optimizer, losses[0], var_list, global_step, scaling, statistics,
-                                 compute=compute)
-    with tf.device(device_prefix + variables_device):
-        train_op, ema = average_weights(cfg, train_op, global_step)
-    with tf.device(device_prefix or None):
-        tensors = _train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
-                                 step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])
-    if ema is not None:
-        tensors.ema = ema
-        with tf1.device(places[0]):
-            tensors.averaged = attach_averaged_model(cfg, mean, std, ema, precision=precision,
-                                                     data_format=data_format)
-    return tensors
-
-
 def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",
                      data_format="NHWC") -> ModelTensors:
     """Placeholders, network and metrics only: what eval and predict need."""
     return attach_model(cfg, mean, std, precision=precision, data_format=data_format)
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def session_config(cpu_devices: int = 1):
-    """A ConfigProto: soft placement (uint8 data variables stay on the CPU where a
-    GPU kernel is missing), GPU memory grown on demand, and thread pools sized
-    explicitly to the usable cores: on the 2-core CPU of docs/performance.md
-    that trained bf16 ResNet-32 1.2-1.5x faster than TensorFlow's defaults."""
-    cores = usable_cores()
-    config = tf1.ConfigProto(allow_soft_placement=True, intra_op_parallelism_threads=cores,
-                             inter_op_parallelism_threads=cores)
-    config.gpu_options.allow_growth = True
-    if cpu_devices > 1:   # logical CPU devices for --devices N without GPUs
-        config.device_count["CPU"] = cpu_devices
-    return config

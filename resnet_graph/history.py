@@ -14,10 +14,12 @@ Layout (the contract is in docs/cli.md)::
         attrs: config (JSON text), tensorflow_version, device, created,
                and after the final evaluation test_loss, test_acc
 
-Every change is copy-on-write: under an exclusive ``flock`` on the sidecar
+Reads of a file from outside (the default, ``guard=True``) first read it in a
+forked child with a time limit (:func:`_probe`); the file a run writes is read
+with ``guard=False``, without a fork. Every change is copy-on-write: under an exclusive ``flock`` on the sidecar
 ``<file>.lock`` the whole file is copied into a temporary file in the same
 folder, changed there, flushed, fsynced and moved over the original with
-``os.replace``; then the folder is fsynced. A kill at any moment or a full
+``os.replace``; then the folder is fsynced (resnet_graph.fsutil). A kill at any moment or a full
 disk therefore leaves either the old or the new file, never a mix. Readers do
 not lock: the file they open is never changed in place.
 """
@@ -26,16 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import fcntl
 import json
 import math
 import numbers
 import os
 import re
-import secrets
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,6 +41,7 @@ from typing import Any, Callable, Iterator
 import h5py
 import numpy as np
 
+from resnet_graph import fsutil, sandbox
 from resnet_graph.errors import HistoryError
 
 FIELDS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds")
@@ -264,20 +263,25 @@ def remove_run(path, run) -> None:
     _modify(path, mutate, create=False)
 
 
-def read_run(path, run) -> Run:
+def read_run(path, run, *, guard: bool = True) -> Run:
     """Read one run; HistoryError if the file or the run is missing or damaged."""
-    return read_history(path, [run])[0]
+    return read_history(path, [run], guard=guard)[0]
 
 
-def read_history(path, runs: list[str] | None = None) -> list[Run]:
-    """Read all runs in file order (creation order), or the named ones in the given order."""
+def read_history(path, runs: list[str] | None = None, *, guard: bool = True) -> list[Run]:
+    """Read all runs in file order (creation order), or the named ones in the given order.
+
+    ``guard``: first read the file in a forked child with a time limit
+    (:func:`_probe`), for files that come from outside; pass False for a file
+    this process writes itself (a fork in a multi-threaded process can block).
+    """
     path = Path(path)
     wanted = None
     if runs is not None:
         if isinstance(runs, str):
             runs = [runs]
         wanted = list(dict.fromkeys(validate_run_name(r) for r in runs))
-    with _open_for_reading(path) as f:
+    with _open_for_reading(path, guard) as f:
         try:
             names = _group_names(f)
             if wanted is not None:
@@ -295,23 +299,24 @@ def read_history(path, runs: list[str] | None = None) -> list[Run]:
             raise _damaged(path, exc) from exc
 
 
-def run_names(path) -> list[str]:
-    """The names of the runs in the file, in file order (creation order)."""
+def run_names(path, *, guard: bool = True) -> list[str]:
+    """The names of the runs in the file, in file order (creation order); ``guard``
+    as in :func:`read_history`."""
     path = Path(path)
-    with _open_for_reading(path) as f:
+    with _open_for_reading(path, guard) as f:
         try:
             return _group_names(f)
         except _H5_ERRORS as exc:
             raise _damaged(path, exc) from exc
 
 
-def has_run(path, run) -> bool:
+def has_run(path, run, *, guard: bool = True) -> bool:
     """Whether the file holds run ``run``; False when the file does not exist."""
     name = validate_run_name(run)
     path = Path(path)
     if not path.exists():
         return False
-    return name in run_names(path)
+    return name in run_names(path, guard=guard)
 
 
 # --------------------------------------------------------------------------
@@ -320,14 +325,15 @@ def has_run(path, run) -> bool:
 
 
 @contextlib.contextmanager
-def _open_for_reading(path: Path) -> Iterator[h5py.File]:
+def _open_for_reading(path: Path, guard: bool) -> Iterator[h5py.File]:
     if not path.exists():
         raise HistoryError(
             f"history file {path} does not exist; check the path or train a run first"
         )
     if path.is_dir():
         raise HistoryError(f"{path} is a folder, not an HDF5 history file")
-    _probe(path)
+    if guard:
+        _probe(path)
     try:
         f = h5py.File(path, "r", locking=False)
     except PermissionError as exc:
@@ -349,6 +355,11 @@ PROBE_SECONDS = 20.0   # plus one second per MiB
 def _probe(path: Path) -> None:
     """Read the whole file once in a forked child before this process touches it.
 
+    Only for files from outside (``plot``, ``experiment`` on an existing
+    folder): the file a run writes was written by this code, and a fork of a
+    process whose other threads hold locks (TensorFlow's) can leave the child
+    blocked until the time limit, which would refuse a good file.
+
     Some damaged HDF5 files send libhdf5 into an endless loop (a corrupted global
     heap under a string attribute was found by the fuzz test) or crash it; C code
     cannot be interrupted from Python, so a child takes that risk: if it does not
@@ -361,34 +372,22 @@ def _probe(path: Path) -> None:
     except OSError:
         return
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key in _PROBED or not hasattr(os, "fork"):
+    if key in _PROBED or not sandbox.available():
         return
     limit = PROBE_SECONDS + st.st_size / (1 << 20)
-    pid = os.fork()
-    if pid == 0:   # the child: read everything, report by exit code only
-        code = 0
-        try:
-            with h5py.File(path, "r", locking=False) as f:
-                for name in _group_names(f):
-                    _load_group(f[name], name, path)
-        except BaseException:  # noqa: BLE001 - the parent reads again and reports it
-            code = 3
-        os._exit(code)
-    deadline = time.monotonic() + limit
-    status = None
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.005)
-    else:
-        with contextlib.suppress(OSError):
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        raise HistoryError(f"{path} is damaged: reading it did not finish in {limit:.0f} s")
-    if os.WIFSIGNALED(status):
+
+    def read_everything():
+        with h5py.File(path, "r", locking=False) as f:
+            for name in _group_names(f):
+                _load_group(f[name], name, path)
+
+    try:
+        sandbox.run_in_child(read_everything, limit)
+    except sandbox.Hung:
+        raise HistoryError(f"{path} is damaged: reading it did not finish in {limit:.0f} s") from None
+    except sandbox.Crashed as crash:
         raise HistoryError(f"{path} is damaged: reading it crashed HDF5 "
-                           f"(signal {os.WTERMSIG(status)})")
+                           f"(signal {crash.args[0]})") from None
     _PROBED[key] = True
 
 
@@ -525,7 +524,7 @@ def _modify(path: Path, mutate: Callable[[h5py.File], Any], *, create: bool) -> 
     """Copy the file into a temp file, let ``mutate`` change the copy, replace.
 
     The original is never opened for writing; on any failure the temp file is
-    removed and the original is left as it was.
+    removed and the original is left as it was (fsutil.replacing).
     """
     folder = path.parent
     if create:
@@ -539,54 +538,50 @@ def _modify(path: Path, mutate: Callable[[h5py.File], Any], *, create: bool) -> 
     if path.is_dir():
         raise HistoryError(f"{path} is a folder, not an HDF5 history file")
     with _exclusive_lock(path):
-        _remove_stale_temps(path)
+        fsutil.remove_stale_temps(path)
         exists = path.exists()
         if not exists and not create:
             raise HistoryError(
                 f"history file {path} does not exist; check the path or create the run first"
             )
-        tmp = _new_temp(path)
+        mode = None
+        if exists:
+            with contextlib.suppress(OSError):
+                mode = stat.S_IMODE(os.stat(path).st_mode)
         try:
-            if exists:
-                with contextlib.suppress(OSError):
-                    os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-            with h5py.File(tmp, "w", track_order=True, locking=False) as dst:
-                if exists:
-                    with _open_for_reading(path) as src:
-                        try:
-                            _copy_contents(src, dst)
-                        except _H5_ERRORS as exc:
-                            reason = " ".join(str(exc).split()) or type(exc).__name__
-                            raise HistoryError(
-                                f"could not copy {path} into a temporary file "
-                                f"({reason[:200]}); the file is unchanged: it may be "
-                                "damaged, or the disk may be full"
-                            ) from exc
-                dst.attrs["format"] = FORMAT_NAME
-                dst.attrs["format_version"] = FORMAT_VERSION
-                result = mutate(dst)
-                if result is _UNCHANGED:
-                    raise _Unchanged
-                dst.flush()
-            _fsync_file(tmp)
-            os.replace(tmp, path)
+            with fsutil.replacing(path, mode=mode) as tmp:
+                _write_copy(path, tmp, exists, mutate)
         except _Unchanged:
-            _remove_quietly(tmp)
             return
         except HistoryError:
-            _remove_quietly(tmp)
             raise
         except OSError as exc:
-            _remove_quietly(tmp)
             reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
             raise HistoryError(
                 f"could not write {path}: {reason}; the file is unchanged, free disk "
                 "space or check permissions and try again"
             ) from exc
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
-        _fsync_folder(folder)
+
+
+def _write_copy(path: Path, tmp: Path, exists: bool, mutate) -> None:
+    """The new file in ``tmp``: a copy of ``path`` (if it ``exists``), changed by ``mutate``."""
+    with h5py.File(tmp, "w", track_order=True, locking=False) as dst:
+        if exists:
+            with _open_for_reading(path, guard=False) as src:
+                try:
+                    _copy_contents(src, dst)
+                except _H5_ERRORS as exc:
+                    reason = " ".join(str(exc).split()) or type(exc).__name__
+                    raise HistoryError(
+                        f"could not copy {path} into a temporary file "
+                        f"({reason[:200]}); the file is unchanged: it may be "
+                        "damaged, or the disk may be full"
+                    ) from exc
+        dst.attrs["format"] = FORMAT_NAME
+        dst.attrs["format_version"] = FORMAT_VERSION
+        if mutate(dst) is _UNCHANGED:
+            raise _Unchanged
+        dst.flush()
 
 
 class _Unchanged(Exception):
@@ -769,89 +764,17 @@ def lock_path(path) -> Path:
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Hold ``flock(LOCK_EX)`` on ``<path>.lock``; released by close or by death."""
     lock = lock_path(path)
-    try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as exc:
-        raise HistoryError(
-            f"cannot open lock file {lock}: {exc.strerror or exc}; check the folder's permissions"
-        ) from exc
-    try:
-        deadline = time.monotonic() + LOCK_TIMEOUT_SECONDS
-        delay = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise HistoryError(
-                        f"another process has held {lock} for {LOCK_TIMEOUT_SECONDS:.0f} s; "
-                        "wait for it to finish and try again"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _temp_pattern(path: Path) -> re.Pattern:
-    return re.compile(r"\." + re.escape(path.name) + r"\.[0-9a-f]{16}\.tmp\Z")
-
-
-def _new_temp(path: Path) -> Path:
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    with contextlib.ExitStack() as held:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        except FileExistsError:
-            continue
+            held.enter_context(fsutil.exclusive_lock(lock, timeout=LOCK_TIMEOUT_SECONDS))
+        except fsutil.LockBusy:
+            raise HistoryError(
+                f"another process has held {lock} for {LOCK_TIMEOUT_SECONDS:.0f} s; "
+                "wait for it to finish and try again"
+            ) from None
         except OSError as exc:
             raise HistoryError(
-                f"cannot create a temporary file next to {path}: {exc.strerror or exc}; "
-                "check the folder's permissions and free space"
+                f"cannot open lock file {lock}: {exc.strerror or exc}; "
+                "check the folder's permissions"
             ) from exc
-        os.close(fd)
-        return tmp
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Remove temp files left by a writer that was killed (only called under the lock)."""
-    pattern = _temp_pattern(path)
-    try:
-        entries = os.listdir(path.parent)
-    except OSError:
-        return
-    for entry in entries:
-        if pattern.match(entry):
-            _remove_quietly(path.parent / entry)
-
-
-def _remove_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise HistoryError(
-                f"could not sync folder {folder} after writing the history: "
-                f"{exc.strerror or exc}; check the disk"
-            ) from exc
-    finally:
-        os.close(fd)
+        yield

@@ -1,20 +1,24 @@
-"""Look at a model without training it: its layer table and its step speed.
+"""Look at a model without training it (its layer table and its step speed) and at
+the machine (``info``).
 
 ``summary`` builds the inference graph and counts parameters per stage;
 ``bench`` builds the real training graph on random in-graph data and times
 training steps (forward, backward, update) after a warm-up.
 """
 
+import platform
 import time
 
 import numpy as np
 import tensorflow as tf
 
+from . import data, fetch, runtime
 from .config import TrainConfig
-from .graph import (MODEL_SCOPE, build_eval_graph, build_train_graph, check_runnable,
-                    gpu_available, resolve_data_format, resolve_precision, session_config)
+from .errors import DataError
+from .graph import MODEL_SCOPE, build_eval_graph, build_train_graph
 from .models import STAGE_FILTERS, layer_counts
-from .runtime import describe_device
+from .precision import check_runnable, gpu_available, resolve_data_format, resolve_precision
+from .runtime import describe_device, session_config
 
 tf1 = tf.compat.v1
 
@@ -107,3 +111,46 @@ def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
             "precision": precision, "data_format": data_format, "xla": cfg.xla,
             "input": "feed_dict" if feed else "in-graph", "device": describe_device(), "steps": steps, "seconds": seconds,
             "images_per_sec": steps * cfg.batch_size / seconds}
+
+
+def environment_info(data_dir=None) -> dict:
+    """What ``resnet-graph info`` reports: versions, devices, the ``auto`` choices, the data."""
+    gpus = runtime.gpu_count() > 0
+    onednn = runtime.onednn_state()
+    precision = resolve_precision("auto", gpus)
+    facts = {
+        "resnet_graph": _version(),
+        "tensorflow": tf.__version__,
+        "python": platform.python_version(),
+        "device": runtime.describe_device(),
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "cpu_bf16_units": runtime.cpu_has_bf16(),
+        "cpu_features": sorted(runtime.cpu_flags() & runtime.INTERESTING_CPU_FLAGS),
+        "onednn": onednn[0],
+        "onednn_reason": onednn[1],
+        "auto_precision": precision,
+        "auto_data_format": resolve_data_format("auto", gpus, precision),
+        "usable_cores": runtime.usable_cores(),
+    }
+    try:
+        folder = fetch.find_data_dir(data_dir, download=False, progress=False)
+    except DataError as e:
+        facts.update(data_dir=None, data_complete=False, data_problem=str(e))
+        return facts
+    problems = []
+    if (folder / data.TEST_FILE).is_file():   # the binary layout: sizes are known
+        for name in data.TRAIN_FILES + (data.TEST_FILE,):
+            size = (folder / name).stat().st_size
+            if size != 10000 * data.RECORD_BYTES:
+                problems.append(f"{name} has {size} bytes, not {10000 * data.RECORD_BYTES}")
+    facts.update(data_dir=str(folder), data_complete=not problems,
+                 data_problem="; ".join(problems) or None)
+    return facts
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("resnet-graph")
+    except Exception:  # noqa: BLE001 - not installed (a source checkout)
+        return "unknown"

@@ -35,11 +35,11 @@ import tensorflow as tf
 
 from . import ops
 from .config import canonical_model, check_depth
+from .data import NUM_CLASSES
 
 tf1 = tf.compat.v1
 
 STAGE_FILTERS = (16, 32, 64)
-NUM_CLASSES = 10
 
 
 def _bn(x, training, data_format, name, bn, zero_gamma=False):

@@ -6,10 +6,7 @@ so plotting neither needs a display nor changes matplotlib's global state.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import secrets
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from resnet_graph.errors import HistoryError, UserError
+from resnet_graph.fsutil import atomic_write_bytes
 from resnet_graph.history import Run
 
 FIGSIZE = (8.0, 5.0)
@@ -244,24 +242,13 @@ def _prepare_folder(out_dir) -> Path:
 
 def _write_png(fig: Figure, target: Path) -> Path:
     """Render ``fig`` to a temp file next to ``target``, then move it into place."""
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write_bytes(target) as handle:
             fig.savefig(handle, format="png", dpi=DPI)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise UserError(
             f"cannot write {target}: {exc.strerror or exc}; check free space and permissions"
         ) from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
     return target
 
 

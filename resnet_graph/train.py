@@ -25,13 +25,15 @@ import numpy as np
 import tensorflow as tf
 
 from . import checkpoint, data, history
-from .config import TrainConfig
+from .config import TrainConfig, check_batch_split, run_facts
 from .errors import TrainingInterrupted, UserError
 from .evaluate import Metrics, evaluate
-from .graph import (MODEL_SCOPE, build_train_graph, check_runnable, gpu_available,
-                    resolve_data_format, resolve_precision, session_config)
+from .graph import MODEL_SCOPE
+from .inputs import epoch_order
+from .precision import check_runnable, gpu_available, resolve_data_format, resolve_precision
 from .progress import epoch_progress
-from .runtime import describe_device, gpu_count
+from .replicate import build_replicated_graph, tower_device_type
+from .runtime import describe_device, session_config
 from .summaries import RunSummaries
 
 tf1 = tf.compat.v1
@@ -39,12 +41,6 @@ tf1 = tf.compat.v1
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss became NaN)."""
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The shuffled order of epoch ``epoch`` (1-based): a function of seed and epoch only,
-    so a resumed run visits the images in the same order as an uninterrupted one."""
-    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int32)
 
 
 class Trainer:
@@ -87,17 +83,8 @@ class Trainer:
             raise UserError(f"batch size {cfg.batch_size} is larger than the {len(dataset.train)} "
                             "training images; lower --batch-size")
         self.devices = int(devices)
-        if self.devices < 1:
-            raise UserError(f"--devices must be at least 1, got {devices}")
-        gpus = gpu_count() if self.devices > 1 else 0
-        if 0 < gpus < self.devices:
-            raise UserError(f"--devices {self.devices} but only {gpus} GPUs are visible; "
-                            f"use --devices {gpus} or fewer")
-        self.device_type = "GPU" if gpus else "CPU"
-        if cfg.batch_size % (self.devices * self.workers):
-            raise UserError(f"batch size {cfg.batch_size} does not split evenly between "
-                            f"{self.workers} worker(s) x {self.devices} device(s); choose a "
-                            f"--batch-size that is a multiple of {self.devices * self.workers}")
+        self.device_type = tower_device_type(self.devices)
+        check_batch_split(cfg.batch_size, self.devices, self.workers)
         self.sess = None
         self.t = None
         self.saver = None
@@ -165,14 +152,17 @@ class Trainer:
     def attach_train_graph(self):
         """Build the training graph in the default graph; a hook (distributed runs)."""
         ds = self.dataset
-        return build_train_graph(self.cfg, ds.mean, ds.std, len(ds.train),
-                                 precision=self.precision, data_format=self.data_format,
-                                 devices=self.devices, device_type=self.device_type)
+        return build_replicated_graph(self.cfg, ds.mean, ds.std, len(ds.train),
+                                      precision=self.precision, data_format=self.data_format,
+                                      devices=self.devices, device_type=self.device_type)
 
     def make_session(self, graph):
         """The session that trains ``graph``; a hook (distributed runs)."""
-        cpus = self.devices if self.device_type == "CPU" else 1
-        return tf1.Session(graph=graph, config=session_config(cpus))
+        return tf1.Session(graph=graph, config=self.session_config())
+
+    def session_config(self):
+        """The session's ConfigProto: with towers on the CPU, one logical CPU device each."""
+        return session_config(self.devices if self.device_type == "CPU" else 1)
 
     def build(self):
         """Graph, savers and session; returns the initialiser op."""
@@ -201,7 +191,7 @@ class Trainer:
     def before_train(self):
         cfg, ds = self.cfg, self.dataset
         if not self.resume and ((self.run_dir / "config.json").exists() or (
-                self.history_path.exists() and history.has_run(self.history_path, cfg.name))):
+                self.history_path.exists() and history.has_run(self.history_path, cfg.name, guard=False))):
             # Checked again under the run lock: another start of the same name may
             # have finished between train_run's check and this process taking the lock.
             raise UserError(f"run {cfg.name!r} already exists (in {self.run_dir} or "
@@ -223,7 +213,7 @@ class Trainer:
             self._write_config()
             history.create_run(self.history_path, cfg.name, config=self._config_dict(),
                                attrs=self._history_attrs(), exist_ok=self.resume)
-            if self.resume and history.read_run(self.history_path, cfg.name).epochs:
+            if self.resume and history.read_run(self.history_path, cfg.name, guard=False).epochs:
                 history.truncate(self.history_path, cfg.name, 0)
         self.sess.run(self.t.load_data, {self.t.data_images: ds.train.images,
                                          self.t.data_labels: ds.train.labels})
@@ -373,7 +363,7 @@ class Trainer:
     # -- helpers ---------------------------------------------------------------------
     def _best_from_history(self) -> None:
         """The best validation accuracy of the epochs kept in the history."""
-        run = history.read_run(self.history_path, self.cfg.name)
+        run = history.read_run(self.history_path, self.cfg.name, guard=False)
         accs = np.asarray(run.columns["valid_acc"], dtype=np.float64)
         if np.isfinite(accs).any():
             i = int(np.nanargmax(accs))
@@ -385,11 +375,11 @@ class Trainer:
         return d
 
     def _extra_config(self) -> dict:
-        return {"normalization": {"mean": list(self.dataset.mean), "std": list(self.dataset.std)},
-                "data_dir": str(self.dataset.data_dir), "resolved_precision": self.precision,
-                "resolved_data_format": self.data_format,
-                "train_images": len(self.dataset.train), "valid_images": len(self.dataset.valid),
-                "devices": self.devices, "workers": self.workers}
+        ds = self.dataset
+        return run_facts(normalization={"mean": list(ds.mean), "std": list(ds.std)},
+                         data_dir=str(ds.data_dir), resolved_precision=self.precision,
+                         resolved_data_format=self.data_format, train_images=len(ds.train),
+                         valid_images=len(ds.valid), devices=self.devices, workers=self.workers)
 
     def _write_config(self):
         checkpoint.write_config(self.run_dir, self.cfg, **self._extra_config())
@@ -398,84 +388,3 @@ class Trainer:
         return {"tensorflow_version": tf.__version__, "device": describe_device(),
                 "precision": self.precision, "data_format": self.data_format,
                 "devices": self.devices, "workers": self.workers}
-
-
-def _holds_a_run(run_dir: pathlib.Path) -> bool:
-    """Whether ``run_dir`` holds anything but what a start killed before config.json
-    leaves behind (the lock file, a config.json temp file): such a folder can neither be
-    resumed (no config) nor, if it counted as a run, be started again."""
-    if not run_dir.is_dir():
-        return run_dir.exists()
-    return any(p.name != checkpoint.LOCK_FILE and not p.name.startswith(".config.json.tmp-")
-               for p in run_dir.iterdir())
-
-
-def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_path=None,
-              resume: bool = False, epochs_override: Optional[int] = None,
-              quiet: bool = False, log: Callable[[str], None] = print,
-              devices: Optional[int] = None, cluster=None) -> dict:
-    """Start run ``cfg.name`` under ``out``, or continue it with ``resume``.
-
-    A new run refuses a name that already has a run folder or a history group;
-    a resumed run takes every option from its config.json (only ``--epochs``
-    may change, to train longer). Returns the run folder, history file and
-    test metrics.
-
-    ``devices``: towers in this process (default 1, or the resumed run's).
-    ``cluster``: a :class:`resnet_graph.distributed.Cluster` of several
-    processes; only its chief touches ``out`` (docs/distributed.md).
-    """
-    out = pathlib.Path(out)
-    name = history.validate_run_name(cfg.name)
-    run_dir = out / name
-    history_path = pathlib.Path(history_path) if history_path else out / "histories.h5"
-    chief = cluster is None or cluster.is_chief
-    saved = {}
-    if not chief:
-        # Another machine has no run folder: a worker builds the model from its own
-        # options (or this machine's config.json when resuming); the chief checks
-        # at start that every task has the same configuration.
-        if resume and (run_dir / "config.json").is_file():
-            saved = checkpoint.read_config(run_dir)
-            cfg = TrainConfig.from_dict(saved)
-            data_dir = data_dir or saved.get("data_dir")
-    elif resume:
-        if not (run_dir / "config.json").is_file():
-            raise UserError(f"there is no run {name!r} in {out} to resume; drop --resume to start it")
-        saved = checkpoint.read_config(run_dir)
-        cfg = TrainConfig.from_dict(saved)
-        data_dir = data_dir or saved.get("data_dir")
-    elif _holds_a_run(run_dir) or (
-            history_path.exists() and history.has_run(history_path, name)):
-        raise UserError(f"run {name!r} already exists (in {run_dir} or {history_path}); "
-                        "pass --resume to continue it or choose another --name")
-    if epochs_override:
-        cfg = cfg.replace(epochs=epochs_override)
-    if devices is None:
-        devices = int(saved.get("devices", 1)) if resume else 1
-    shares = devices * (cluster.workers if cluster is not None else 1)
-    if cfg.batch_size % shares:   # before anything is written
-        raise UserError(f"batch size {cfg.batch_size} does not split evenly between "
-                        f"{shares // devices} worker(s) x {devices} device(s); choose a "
-                        f"--batch-size that is a multiple of {shares}")
-    # Data first: a data error must not leave an empty run folder behind.
-    folder = data.find_data_dir(data_dir, progress=not quiet)
-    dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
-                                train_examples=cfg.train_examples, seed=cfg.seed)
-    options = dict(resume=resume, log=(lambda s: None) if quiet else log, progress=not quiet,
-                   devices=devices)
-    # The trainer refuses options this machine cannot run before anything is written.
-    if cluster is not None and cluster.workers > 1:
-        from .distributed import DistributedTrainer
-        trainer = DistributedTrainer(cfg, dataset, run_dir, history_path, cluster=cluster,
-                                     **options)
-    else:
-        trainer = Trainer(cfg, dataset, run_dir, history_path, **options)
-    if chief:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            history_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create {run_dir} ({e.strerror}); choose a writable --out") from None
-    metrics = trainer.run()
-    return {"run_dir": str(run_dir), "history": str(history_path), "test": metrics}

@@ -5,8 +5,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from synthetic import write_synthetic_cifar
 
-from resnet_graph import data, history
+from resnet_graph import history
 from resnet_graph.cli import cli
 
 TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "50", "--valid-size", "50"]
@@ -29,7 +30,7 @@ def assert_one_line_error(result, *fragments):
 def trained(tmp_path_factory):
     """One tiny run trained through the CLI, shared by the read-only tests."""
     root = tmp_path_factory.mktemp("cli")
-    folder = data.write_synthetic_cifar(root / "data", n_train_per_batch=60, n_test=100)
+    folder = write_synthetic_cifar(root / "data", n_train_per_batch=60, n_test=100)
     result = invoke("train", "proposed", *TINY, "--data-dir", folder, "--out", root / "out",
                     "--quiet")
     assert result.exit_code == 0, result.output
@@ -228,8 +229,8 @@ def test_lr_boundaries_make_a_step_schedule(tiny_data_dir, tmp_path):
 
 def test_a_layout_without_a_kernel_is_refused_before_anything_is_written(trained, tmp_path,
                                                                            monkeypatch):
-    from resnet_graph import graph
-    monkeypatch.setattr(graph, "kernel_problem",
+    from resnet_graph import precision
+    monkeypatch.setattr(precision, "kernel_problem",
                         lambda fmt, precision, xla=False: "no NCHW kernel" if fmt == "NCHW"
                         else None)
     _, folder = trained

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import synthetic
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from resnet_graph import data
+from resnet_graph import data, fetch
 from resnet_graph.errors import DataError, UserError
 
 ALL_BIN = data.TRAIN_FILES + (data.TEST_FILE,)
@@ -37,14 +38,14 @@ ALL_BIN = data.TRAIN_FILES + (data.TEST_FILE,)
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch, tmp_path):
     """Never read the developer's data folder or cache: point env and cache at tmp_path."""
-    monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
+    monkeypatch.delenv(fetch.ENV_DATA_DIR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture
 def synthetic_dir(tmp_path):
-    return data.write_synthetic_cifar(tmp_path / "synthetic", n_train_per_batch=40, n_test=30)
+    return synthetic.write_synthetic_cifar(tmp_path / "synthetic", n_train_per_batch=40, n_test=30)
 
 
 def assert_one_line(excinfo):
@@ -600,7 +601,7 @@ def test_channel_stats_constant_images_have_zero_std():
 
 def test_pad_crop_flip_matches_a_per_image_reference():
     images, _ = random_split(50, seed=11)
-    out = data.pad_crop_flip(images, np.random.default_rng(5))
+    out = synthetic.pad_crop_flip(images, np.random.default_rng(5))
     assert out.shape == images.shape and out.dtype == images.dtype
     replay = np.random.default_rng(5)
     rows, cols = replay.integers(0, 9, 50), replay.integers(0, 9, 50)
@@ -618,7 +619,7 @@ def test_pad_crop_flip_covers_every_offset_and_both_flips():
     images = np.zeros((3000, 32, 32, 3), dtype=np.uint8)
     images[..., 0] = np.arange(1, 33)[None, None, :]
     images[..., 1] = np.arange(1, 33)[None, :, None]
-    out = data.pad_crop_flip(images, np.random.default_rng(0)).astype(np.int64)
+    out = synthetic.pad_crop_flip(images, np.random.default_rng(0)).astype(np.int64)
     centre, right = out[:, 16, 16], out[:, 16, 17]
     flipped = right[:, 0] < centre[:, 0]
     col_offsets = np.where(flipped, centre[:, 0] - 12, centre[:, 0] - 13)
@@ -633,16 +634,16 @@ def test_pad_crop_flip_covers_every_offset_and_both_flips():
 
 def test_pad_crop_flip_is_deterministic():
     images, _ = random_split(8)
-    np.testing.assert_array_equal(data.pad_crop_flip(images, 3), data.pad_crop_flip(images, np.random.default_rng(3)))
+    np.testing.assert_array_equal(synthetic.pad_crop_flip(images, 3), synthetic.pad_crop_flip(images, np.random.default_rng(3)))
 
 
 # --------------------------------------------------------------------------- synthetic data
 
 
 def test_write_synthetic_cifar_is_deterministic_and_complete(tmp_path):
-    first = data.write_synthetic_cifar(tmp_path / "a", n_train_per_batch=20, n_test=10, seed=3)
-    second = data.write_synthetic_cifar(tmp_path / "b", n_train_per_batch=20, n_test=10, seed=3)
-    other = data.write_synthetic_cifar(tmp_path / "c", n_train_per_batch=20, n_test=10, seed=4)
+    first = synthetic.write_synthetic_cifar(tmp_path / "a", n_train_per_batch=20, n_test=10, seed=3)
+    second = synthetic.write_synthetic_cifar(tmp_path / "b", n_train_per_batch=20, n_test=10, seed=3)
+    other = synthetic.write_synthetic_cifar(tmp_path / "c", n_train_per_batch=20, n_test=10, seed=4)
     assert first == tmp_path / "a"
     for name in ALL_BIN + (data.META_FILE,):
         assert (first / name).read_bytes() == (second / name).read_bytes()
@@ -666,7 +667,7 @@ def test_synthetic_learnable_classes_are_recoverable(synthetic_dir):
 
 
 def test_synthetic_unlearnable_is_noise(tmp_path):
-    folder = data.write_synthetic_cifar(tmp_path, n_train_per_batch=30, n_test=30, learnable=False)
+    folder = synthetic.write_synthetic_cifar(tmp_path, n_train_per_batch=30, n_test=30, learnable=False)
     split = data.read_binary_batch(folder / data.TEST_FILE)
     assert split.images.std() > 60 and split.labels.max() <= 9
 
@@ -675,75 +676,75 @@ def test_synthetic_unlearnable_is_noise(tmp_path):
 
 
 def test_find_data_dir_order_explicit_then_env_then_cache(tmp_path, monkeypatch):
-    explicit = data.write_synthetic_cifar(tmp_path / "explicit", n_train_per_batch=2, n_test=2)
-    env = data.write_synthetic_cifar(tmp_path / "env", n_train_per_batch=2, n_test=2)
+    explicit = synthetic.write_synthetic_cifar(tmp_path / "explicit", n_train_per_batch=2, n_test=2)
+    env = synthetic.write_synthetic_cifar(tmp_path / "env", n_train_per_batch=2, n_test=2)
     cache = tmp_path / "cache"
-    cached = data.write_synthetic_cifar(cache / data.BIN_FOLDER, n_train_per_batch=2, n_test=2)
-    monkeypatch.setenv(data.ENV_DATA_DIR, str(env))
-    assert data.find_data_dir(explicit, cache_dir=cache, download=False) == explicit.resolve()
-    assert data.find_data_dir(None, cache_dir=cache, download=False) == env.resolve()
-    monkeypatch.delenv(data.ENV_DATA_DIR)
-    assert data.find_data_dir(None, cache_dir=cache, download=False) == cached.resolve()
-    monkeypatch.setenv(data.ENV_DATA_DIR, "")  # empty means unset
-    assert data.find_data_dir(cache_dir=cache, download=False) == cached.resolve()
+    cached = synthetic.write_synthetic_cifar(cache / data.BIN_FOLDER, n_train_per_batch=2, n_test=2)
+    monkeypatch.setenv(fetch.ENV_DATA_DIR, str(env))
+    assert fetch.find_data_dir(explicit, cache_dir=cache, download=False) == explicit.resolve()
+    assert fetch.find_data_dir(None, cache_dir=cache, download=False) == env.resolve()
+    monkeypatch.delenv(fetch.ENV_DATA_DIR)
+    assert fetch.find_data_dir(None, cache_dir=cache, download=False) == cached.resolve()
+    monkeypatch.setenv(fetch.ENV_DATA_DIR, "")  # empty means unset
+    assert fetch.find_data_dir(cache_dir=cache, download=False) == cached.resolve()
 
 
 def test_find_data_dir_default_cache_locations(tmp_path, monkeypatch):
-    xdg_data = data.write_synthetic_cifar(
+    xdg_data = synthetic.write_synthetic_cifar(
         tmp_path / "xdg-cache" / "resnet-graph" / data.BIN_FOLDER, n_train_per_batch=2, n_test=2
     )
-    assert data.default_cache_dir() == tmp_path / "xdg-cache" / "resnet-graph"
-    assert data.find_data_dir(download=False) == xdg_data.resolve()
+    assert fetch.default_cache_dir() == tmp_path / "xdg-cache" / "resnet-graph"
+    assert fetch.find_data_dir(download=False) == xdg_data.resolve()
     monkeypatch.delenv("XDG_CACHE_HOME")
-    home_data = data.write_synthetic_cifar(
+    home_data = synthetic.write_synthetic_cifar(
         tmp_path / "home" / ".cache" / "resnet-graph" / data.BIN_FOLDER, n_train_per_batch=2, n_test=2
     )
-    assert data.find_data_dir(download=False) == home_data.resolve()
+    assert fetch.find_data_dir(download=False) == home_data.resolve()
 
 
 def test_find_data_dir_accepts_parent_folders(tmp_path):
-    binary = data.write_synthetic_cifar(tmp_path / "bin-parent" / data.BIN_FOLDER, n_train_per_batch=2, n_test=2)
-    assert data.find_data_dir(tmp_path / "bin-parent") == binary.resolve()
+    binary = synthetic.write_synthetic_cifar(tmp_path / "bin-parent" / data.BIN_FOLDER, n_train_per_batch=2, n_test=2)
+    assert fetch.find_data_dir(tmp_path / "bin-parent") == binary.resolve()
     py_folder = tmp_path / "py-parent" / data.PY_FOLDER
     py_folder.mkdir(parents=True)
     images, labels = random_split(2)
     for name in data.PY_TRAIN_FILES + (data.PY_TEST_FILE,):
         (py_folder / name).write_bytes(python_batch_bytes(images, labels))
-    assert data.find_data_dir(tmp_path / "py-parent") == py_folder.resolve()
-    assert data.find_data_dir(str(py_folder)) == py_folder.resolve()
+    assert fetch.find_data_dir(tmp_path / "py-parent") == py_folder.resolve()
+    assert fetch.find_data_dir(str(py_folder)) == py_folder.resolve()
 
 
 def test_find_data_dir_explicit_folder_missing_a_file(tmp_path, monkeypatch):
-    folder = data.write_synthetic_cifar(tmp_path / "d", n_train_per_batch=2, n_test=2)
+    folder = synthetic.write_synthetic_cifar(tmp_path / "d", n_train_per_batch=2, n_test=2)
     (folder / "data_batch_4.bin").unlink()
-    env = data.write_synthetic_cifar(tmp_path / "env", n_train_per_batch=2, n_test=2)
-    monkeypatch.setenv(data.ENV_DATA_DIR, str(env))
+    env = synthetic.write_synthetic_cifar(tmp_path / "env", n_train_per_batch=2, n_test=2)
+    monkeypatch.setenv(fetch.ENV_DATA_DIR, str(env))
     with pytest.raises(DataError, match="data_batch_4.bin is missing") as excinfo:
-        data.find_data_dir(folder, download=False)  # no fall-back to the env folder
+        fetch.find_data_dir(folder, download=False)  # no fall-back to the env folder
     assert "pass --data-dir PATH to a folder with the CIFAR-10 binary files" in assert_one_line(excinfo)
 
 
 def test_find_data_dir_empty_bin_subfolder_is_reported(tmp_path):
     (tmp_path / "parent" / data.BIN_FOLDER).mkdir(parents=True)
     with pytest.raises(DataError) as excinfo:
-        data.find_data_dir(tmp_path / "parent")
+        fetch.find_data_dir(tmp_path / "parent")
     assert f"{data.BIN_FOLDER}/data_batch_1.bin is missing" in assert_one_line(excinfo)
 
 
 def test_find_data_dir_env_folder_problems_name_the_variable(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.ENV_DATA_DIR, str(tmp_path / "not-there"))
+    monkeypatch.setenv(fetch.ENV_DATA_DIR, str(tmp_path / "not-there"))
     with pytest.raises(DataError, match="does not exist") as excinfo:
-        data.find_data_dir(download=False)
+        fetch.find_data_dir(download=False)
     message = assert_one_line(excinfo)
-    assert data.ENV_DATA_DIR in message and "--data-dir PATH" in message
+    assert fetch.ENV_DATA_DIR in message and "--data-dir PATH" in message
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(DataError, match="not a folder"):
-        data.find_data_dir(tmp_path / "a-file")
+        fetch.find_data_dir(tmp_path / "a-file")
 
 
 def test_find_data_dir_cache_without_download(tmp_path):
     with pytest.raises(DataError, match="downloading is off") as excinfo:
-        data.find_data_dir(cache_dir=tmp_path / "cache", download=False)
+        fetch.find_data_dir(cache_dir=tmp_path / "cache", download=False)
     assert "--data-dir PATH" in assert_one_line(excinfo)
     assert isinstance(excinfo.value, UserError)
 
@@ -751,11 +752,11 @@ def test_find_data_dir_cache_without_download(tmp_path):
 def test_find_data_dir_downloads_into_cache(tmp_path, served_archive):
     url, md5, _ = served_archive
     cache = tmp_path / "cache"
-    found = data.find_data_dir(cache_dir=cache, url=url, md5=md5, progress=False, allow_insecure=True)
+    found = fetch.find_data_dir(cache_dir=cache, url=url, md5=md5, progress=False, allow_insecure=True)
     assert found == (cache / data.BIN_FOLDER).resolve()
     assert len(data.load_cifar10(found, valid_size=10).test) == 30
     # Second call uses the cache without the network.
-    assert data.find_data_dir(cache_dir=cache, url="https://127.0.0.1:9/none", download=True) == found
+    assert fetch.find_data_dir(cache_dir=cache, url="https://127.0.0.1:9/none", download=True) == found
 
 
 # --------------------------------------------------------------------------- download_cifar10
@@ -764,7 +765,7 @@ def test_find_data_dir_downloads_into_cache(tmp_path, served_archive):
 def test_download_success(tmp_path, served_archive, synthetic_dir):
     url, md5, size = served_archive
     cache = tmp_path / "cache"
-    folder = data.download_cifar10(
+    folder = fetch.download_cifar10(
         cache, url=url, md5=md5.upper(), expected_size=size, progress=False, allow_insecure=True
     )
     assert folder == cache / data.BIN_FOLDER
@@ -778,7 +779,7 @@ def test_download_replaces_an_incomplete_folder(tmp_path, served_archive):
     cache = tmp_path / "cache"
     (cache / data.BIN_FOLDER).mkdir(parents=True)
     (cache / data.BIN_FOLDER / "data_batch_1.bin").write_bytes(b"partial")
-    folder = data.download_cifar10(cache, url=url, md5=md5, progress=False, allow_insecure=True)
+    folder = fetch.download_cifar10(cache, url=url, md5=md5, progress=False, allow_insecure=True)
     assert len(data.read_binary_batch(folder / "data_batch_1.bin")) == 40
     assert sorted(p.name for p in cache.iterdir()) == [data.BIN_FOLDER]
 
@@ -786,7 +787,7 @@ def test_download_replaces_an_incomplete_folder(tmp_path, served_archive):
 def test_download_from_file_url(tmp_path, synthetic_dir):
     archive = tmp_path / "local.tar.gz"
     payload = make_tar_gz(archive, cifar_members(synthetic_dir))
-    folder = data.download_cifar10(
+    folder = fetch.download_cifar10(
         tmp_path / "cache", url=archive.as_uri(), md5=hashlib.md5(payload).hexdigest(), allow_insecure=True
     )
     assert (folder / data.TEST_FILE).is_file()
@@ -796,7 +797,7 @@ def test_download_wrong_md5_leaves_nothing(tmp_path, served_archive):
     url, _, _ = served_archive
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="MD5") as excinfo:
-        data.download_cifar10(cache, url=url, md5="0" * 32, progress=False, allow_insecure=True)
+        fetch.download_cifar10(cache, url=url, md5="0" * 32, progress=False, allow_insecure=True)
     assert "download it by hand and pass --data-dir PATH" in assert_one_line(excinfo)
     assert list(cache.iterdir()) == []
 
@@ -805,9 +806,9 @@ def test_download_wrong_size_leaves_nothing(tmp_path, served_archive):
     url, md5, size = served_archive
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="bytes"):
-        data.download_cifar10(cache, url=url, md5=md5, expected_size=size - 1, allow_insecure=True)
+        fetch.download_cifar10(cache, url=url, md5=md5, expected_size=size - 1, allow_insecure=True)
     with pytest.raises(DataError, match="bytes"):
-        data.download_cifar10(cache, url=url, md5=md5, expected_size=size + 1, allow_insecure=True)
+        fetch.download_cifar10(cache, url=url, md5=md5, expected_size=size + 1, allow_insecure=True)
     assert list(cache.iterdir()) == []
 
 
@@ -827,7 +828,7 @@ def test_download_refuses_unsafe_archives(tmp_path, http_root, synthetic_dir, ba
     url, md5 = serve_tar(http_root, "bad.tar.gz", cifar_members(synthetic_dir) + [bad_member])
     cache = tmp_path / "deep" / "cache"
     with pytest.raises(DataError, match="unsafe member") as excinfo:
-        data.download_cifar10(cache, url=url, md5=md5, progress=False, allow_insecure=True)
+        fetch.download_cifar10(cache, url=url, md5=md5, progress=False, allow_insecure=True)
     message = assert_one_line(excinfo)
     assert f"({reason})" in message and "download it by hand and pass --data-dir PATH" in message
     assert list(cache.iterdir()) == []  # nothing extracted, not even the good members
@@ -840,7 +841,7 @@ def test_download_archive_without_the_binary_folder(tmp_path, http_root, synthet
     url, md5 = serve_tar(http_root, "short.tar.gz", members)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="lacks cifar-10-batches-bin/data_batch_2.bin"):
-        data.download_cifar10(cache, url=url, md5=md5, allow_insecure=True)
+        fetch.download_cifar10(cache, url=url, md5=md5, allow_insecure=True)
     assert list(cache.iterdir()) == []
 
 
@@ -850,7 +851,7 @@ def test_download_not_a_tar_archive(tmp_path, http_root):
     (root / "junk.tar.gz").write_bytes(payload)
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="could not download") as excinfo:
-        data.download_cifar10(
+        fetch.download_cifar10(
             cache, url=f"{base}/junk.tar.gz", md5=hashlib.md5(payload).hexdigest(), allow_insecure=True
         )
     assert_one_line(excinfo)
@@ -861,13 +862,13 @@ def test_download_http_error_and_refused_connection(tmp_path, http_root):
     _, base = http_root
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="HTTP 404") as excinfo:
-        data.download_cifar10(cache, url=f"{base}/missing.tar.gz", md5="0" * 32, allow_insecure=True)
+        fetch.download_cifar10(cache, url=f"{base}/missing.tar.gz", md5="0" * 32, allow_insecure=True)
     assert "download it by hand and pass --data-dir PATH" in assert_one_line(excinfo)
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(DataError, match="could not download"):
-        data.download_cifar10(
+        fetch.download_cifar10(
             cache, url=f"http://127.0.0.1:{port}/x.tar.gz", md5="0" * 32, allow_insecure=True, timeout=5
         )
     assert list(cache.iterdir()) == []
@@ -877,37 +878,37 @@ def test_download_requires_https_by_default(tmp_path, served_archive):
     url, md5, _ = served_archive
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="only https:// URLs are allowed") as excinfo:
-        data.download_cifar10(cache, url=url, md5=md5)
+        fetch.download_cifar10(cache, url=url, md5=md5)
     assert "download it by hand and pass --data-dir PATH" in assert_one_line(excinfo)
     with pytest.raises(DataError, match="only https://"):
-        data.download_cifar10(cache, url=(tmp_path / "x.tar.gz").as_uri(), md5=md5)
+        fetch.download_cifar10(cache, url=(tmp_path / "x.tar.gz").as_uri(), md5=md5)
     with pytest.raises(DataError, match="only https://"):
-        data.download_cifar10(cache, url="ftp://127.0.0.1/x.tar.gz", md5=md5, allow_insecure=True)
+        fetch.download_cifar10(cache, url="ftp://127.0.0.1/x.tar.gz", md5=md5, allow_insecure=True)
     with pytest.raises(DataError, match="only https://"):
-        data.find_data_dir(cache_dir=cache, url=url, md5=md5)
+        fetch.find_data_dir(cache_dir=cache, url=url, md5=md5)
     assert not cache.exists()
 
 
 def test_download_follows_redirects_only_to_allowed_schemes(tmp_path, http_root, served_archive):
     url, md5, _ = served_archive
     _, base = http_root
-    folder = data.download_cifar10(tmp_path / "ok", url=f"{base}/redirect?{url}", md5=md5, allow_insecure=True)
+    folder = fetch.download_cifar10(tmp_path / "ok", url=f"{base}/redirect?{url}", md5=md5, allow_insecure=True)
     assert (folder / data.TEST_FILE).is_file()
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match="refused redirect to ftp://"):
-        data.download_cifar10(cache, url=f"{base}/redirect?ftp://127.0.0.1/x", md5=md5, allow_insecure=True)
+        fetch.download_cifar10(cache, url=f"{base}/redirect?ftp://127.0.0.1/x", md5=md5, allow_insecure=True)
     assert list(cache.iterdir()) == []
 
 
 def test_download_requires_a_checksum(tmp_path, served_archive):
     url, _, _ = served_archive
     with pytest.raises(DataError, match="without an MD5"):
-        data.download_cifar10(tmp_path / "cache", url=url, md5=None, allow_insecure=True)
+        fetch.download_cifar10(tmp_path / "cache", url=url, md5=None, allow_insecure=True)
 
 
 def test_official_constants():
-    assert data.OFFICIAL_URL.startswith("https://")
-    assert len(data.OFFICIAL_MD5) == 32 and data.OFFICIAL_SIZE == 170052171
+    assert fetch.OFFICIAL_URL.startswith("https://")
+    assert len(fetch.OFFICIAL_MD5) == 32 and fetch.OFFICIAL_SIZE == 170052171
     assert data.TRAIN_FILES == tuple(f"data_batch_{i}.bin" for i in range(1, 6))
     assert data.CLASS_NAMES[0] == "airplane" and data.CLASS_NAMES[9] == "truck" and len(data.CLASS_NAMES) == 10
 

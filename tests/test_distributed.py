@@ -22,8 +22,9 @@ from resnet_graph.cli import cli
 from resnet_graph.config import TrainConfig
 from resnet_graph.distributed import parse_cluster
 from resnet_graph.errors import UserError
-from resnet_graph.graph import build_train_graph, session_config
 from resnet_graph.launch import launch_local, tf_configs
+from resnet_graph.replicate import build_replicated_graph as build_train_graph
+from resnet_graph.runtime import session_config
 
 tf1 = tf.compat.v1
 
@@ -185,7 +186,7 @@ def test_a_killed_worker_stops_the_chief_cleanly_and_the_run_resumes(tiny_data_d
                                   daemon=True)
         reader.start()
         deadline = time.monotonic() + 180
-        # Epoch 2's summary line (not one of its progress lines "epoch 2/30 step ...").
+        # Epoch 2's summary line (its progress lines, "epoch 2/30 step ...", come earlier).
         while not any(line.startswith("epoch 2/30  train loss") for line in lines):
             assert time.monotonic() < deadline and chief.poll() is None, lines
             time.sleep(0.1)

@@ -72,7 +72,7 @@ def test_a_start_killed_before_its_config_can_be_started_again(tiny_data_dir, tm
     # start must work and not call the folder an existing run.
     from resnet_graph.config import TrainConfig
     from resnet_graph.errors import UserError
-    from resnet_graph.train import train_run
+    from resnet_graph.runs import train_run
     folder = tmp_path / "original-8"
     folder.mkdir()
     for name in leftover:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from resnet_graph import data, graph, history
+from resnet_graph import precision as policy
 from resnet_graph.config import TrainConfig
 from resnet_graph.train import Trainer
 
@@ -34,8 +35,8 @@ def overflowing():
     """Start above the overflow threshold of this tiny model (between 2^16 and 2^18)
     and double after 2 good steps: the scale keeps climbing back into overflow."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(graph, "INITIAL_LOSS_SCALE", 2.0 ** 20)
-        mp.setattr(graph, "LOSS_SCALE_GROWTH_STEPS", 2)
+        mp.setattr(policy, "INITIAL_LOSS_SCALE", 2.0 ** 20)
+        mp.setattr(policy, "LOSS_SCALE_GROWTH_STEPS", 2)
         yield
 
 
@@ -73,6 +74,7 @@ class Recorded(Trainer):
 def _variables(run_dir):
     """Every checkpointed variable of the latest checkpoint of ``run_dir``."""
     import tensorflow as tf
+
     from resnet_graph import checkpoint
     reader = tf.compat.v1.train.NewCheckpointReader(checkpoint.latest(run_dir))
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
@@ -191,9 +193,9 @@ def test_a_skipped_step_leaves_the_batch_norm_statistics_alone(dataset):
 def test_the_loss_scale_never_grows_past_its_cap(dataset, monkeypatch):
     import tensorflow as tf
     tf1 = tf.compat.v1
-    monkeypatch.setattr(graph, "INITIAL_LOSS_SCALE", 2.0 ** 8)
-    monkeypatch.setattr(graph, "MAX_LOSS_SCALE", 2.0 ** 9)
-    monkeypatch.setattr(graph, "LOSS_SCALE_GROWTH_STEPS", 1)
+    monkeypatch.setattr(policy, "INITIAL_LOSS_SCALE", 2.0 ** 8)
+    monkeypatch.setattr(policy, "MAX_LOSS_SCALE", 2.0 ** 9)
+    monkeypatch.setattr(policy, "LOSS_SCALE_GROWTH_STEPS", 1)
     g = tf.Graph()
     with g.as_default():
         t = graph.build_train_graph(fp16_config("cap"), dataset.mean, dataset.std,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from resnet_graph import graph, runtime
+from resnet_graph import precision as policy
 from resnet_graph.config import TrainConfig
 from resnet_graph.errors import UserError
 from resnet_graph.graph import MODEL_SCOPE, build_train_graph
@@ -95,7 +95,7 @@ def test_no_loss_scaling_outside_fp16():
 
 def _needs_kernel(data_format, precision, xla=False):
     """Skip, with TensorFlow's reason, where this machine has no such kernel."""
-    problem = runtime.kernel_problem(data_format, precision, xla)
+    problem = policy.kernel_problem(data_format, precision, xla)
     if problem:
         pytest.skip(f"no {data_format}/{precision}{'/XLA' if xla else ''} kernel here: {problem}")
 
@@ -138,43 +138,42 @@ def test_nchw_graph_trains_and_matches_nhwc(precision):
 def test_a_setting_without_a_kernel_is_refused_with_the_reason_and_the_alternative(
         monkeypatch):
     missing = "The Conv2D op currently only supports the NHWC tensor format on the CPU."
-    monkeypatch.setattr(graph, "kernel_problem",
+    monkeypatch.setattr(policy, "kernel_problem",
                         lambda fmt, precision, xla=False: missing if fmt == "NCHW" else None)
     with pytest.raises(UserError) as info:
-        graph.check_runnable("fp32", "NCHW", False)
+        policy.check_runnable("fp32", "NCHW", False)
     message = str(info.value)
     assert "--data-format NCHW" in message and missing in message
     assert "use --data-format NHWC" in message and "\n" not in message
-    graph.check_runnable("fp32", "NHWC", False)       # the alternative passes
-    monkeypatch.setattr(graph, "kernel_problem",
+    policy.check_runnable("fp32", "NHWC", False)       # the alternative passes
+    monkeypatch.setattr(policy, "kernel_problem",
                         lambda fmt, precision, xla=False: "no XLA here" if xla else None)
     with pytest.raises(UserError, match="drop --xla"):
-        graph.check_runnable("fp32", "NHWC", True)
+        policy.check_runnable("fp32", "NHWC", True)
 
 
 def test_the_kernel_probe_answers_for_the_baseline_and_gives_a_reason_otherwise():
-    assert runtime.kernel_problem("NHWC", "fp32") is None
+    assert policy.kernel_problem("NHWC", "fp32") is None
     for fmt in ("NHWC", "NCHW"):
-        problem = runtime.kernel_problem(fmt, "fp32", False)
+        problem = policy.kernel_problem(fmt, "fp32", False)
         assert problem is None or (isinstance(problem, str) and problem
                                    and not problem.startswith("Graph execution error"))
 
 
 def test_auto_precision_and_layout_per_device():
-    from resnet_graph import graph
-    assert graph.resolve_precision("auto", gpu=True) == "fp16"
+    assert policy.resolve_precision("auto", gpu=True) == "fp16"
     # bf16 on CPUs with bf16 units, where it kept accuracy (docs/results.md).
-    assert graph.resolve_precision("auto", gpu=False, bf16_units=True, onednn=True) == "bf16"
-    assert graph.resolve_precision("auto", gpu=False, bf16_units=False, onednn=True) == "fp32"
+    assert policy.resolve_precision("auto", gpu=False, bf16_units=True, onednn=True) == "bf16"
+    assert policy.resolve_precision("auto", gpu=False, bf16_units=False, onednn=True) == "fp32"
     # Without oneDNN bf16 is emulated (about 9x slower than fp32): never auto.
-    assert graph.resolve_precision("auto", gpu=False, bf16_units=True, onednn=False) == "fp32"
-    assert graph.resolve_precision("auto", gpu=True, bf16_units=True) == "fp16"
-    assert graph.resolve_precision("bf16", gpu=False) == "bf16"
-    assert graph.resolve_precision("fp16", gpu=False) == "fp16"
-    assert graph.resolve_data_format("auto", gpu=False) == "NHWC"
-    assert graph.resolve_data_format("auto", gpu=True, precision="fp32") == "NCHW"
-    assert graph.resolve_data_format("auto", gpu=True, precision="fp16") == "NHWC"
-    assert graph.resolve_data_format("NCHW", gpu=False) == "NCHW"
+    assert policy.resolve_precision("auto", gpu=False, bf16_units=True, onednn=False) == "fp32"
+    assert policy.resolve_precision("auto", gpu=True, bf16_units=True) == "fp16"
+    assert policy.resolve_precision("bf16", gpu=False) == "bf16"
+    assert policy.resolve_precision("fp16", gpu=False) == "fp16"
+    assert policy.resolve_data_format("auto", gpu=False) == "NHWC"
+    assert policy.resolve_data_format("auto", gpu=True, precision="fp32") == "NCHW"
+    assert policy.resolve_data_format("auto", gpu=True, precision="fp16") == "NHWC"
+    assert policy.resolve_data_format("NCHW", gpu=False) == "NCHW"
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -4,19 +4,19 @@ import os
 
 import pytest
 
-from resnet_graph import data, history
+from resnet_graph import data, fetch, history
 from resnet_graph.config import make_config
-from resnet_graph.train import train_run
+from resnet_graph.runs import train_run
 
 pytestmark = pytest.mark.real_data
 
 
 @pytest.fixture
 def real_data_dir():
-    folder = os.environ.get(data.ENV_DATA_DIR)
+    folder = os.environ.get(fetch.ENV_DATA_DIR)
     if not folder:
-        pytest.skip(f"${data.ENV_DATA_DIR} is not set")
-    return data.find_data_dir(folder, download=False, progress=False)
+        pytest.skip(f"${fetch.ENV_DATA_DIR} is not set")
+    return fetch.find_data_dir(folder, download=False, progress=False)
 
 
 def test_real_data_loads_with_the_documented_statistics(real_data_dir):

@@ -11,9 +11,9 @@ from resnet_graph import checkpoint, data, history
 from resnet_graph.config import RECIPES, TrainConfig, make_config
 from resnet_graph.errors import CheckpointError
 from resnet_graph.evaluate import evaluate_run
-from resnet_graph.graph import (build_train_graph, cosine_with_warmup, learning_rate,
-                                training_loss)
-from resnet_graph.train import Trainer, train_run
+from resnet_graph.graph import build_train_graph, cosine_with_warmup, learning_rate, training_loss
+from resnet_graph.runs import train_run
+from resnet_graph.train import Trainer
 
 tf1 = tf.compat.v1
 

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
+from synthetic import write_synthetic_cifar
 
 from resnet_graph import data
 from resnet_graph.cli import cli
@@ -29,7 +30,7 @@ def assert_one_line_error(result, fragment):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    folder = data.write_synthetic_cifar(root / "data", n_train_per_batch=60, n_test=100)
+    folder = write_synthetic_cifar(root / "data", n_train_per_batch=60, n_test=100)
     result = invoke("train", "original", *TINY, "--data-dir", folder, "--out", root / "out",
                     "--quiet")
     assert result.exit_code == 0, result.output

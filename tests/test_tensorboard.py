@@ -3,7 +3,6 @@
 import glob
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from resnet_graph import data, history

@@ -10,8 +10,10 @@ from resnet_graph import checkpoint, data, history, ops
 from resnet_graph.config import TrainConfig
 from resnet_graph.errors import CheckpointError, UserError
 from resnet_graph.evaluate import evaluate_run
-from resnet_graph.graph import augment, build_eval_graph, build_train_graph
-from resnet_graph.train import Trainer, epoch_order, train_run
+from resnet_graph.graph import build_eval_graph, build_train_graph
+from resnet_graph.inputs import augment, epoch_order
+from resnet_graph.runs import train_run
+from resnet_graph.train import Trainer
 
 tf1 = tf.compat.v1
 
