@@ -20,14 +20,24 @@ the same for every ``init``, ``stride_padding`` and ``zero_init_residual``
 (they change initial values and padding, not the layers).
 
 ``zero_init_residual`` (Goyal et al. 2017) makes every residual branch output
-zero at the start, so each block starts as the identity (original: then the
-ReLU of the identity): in the original block the branch's last batch norm
-(``bn2``) starts with gamma 0. The pre-activation branch ends in a convolution,
-not a batch norm: its last batch norm (``bn2``) feeds ReLU and ``conv2``, and a
-zero gamma there (with beta 0) would output exactly 0, where ReLU passes no
-gradient, so gamma, beta and ``conv2`` would never move and the branch would
-stay dead. There the branch's last layer, the kernel of ``conv2``, starts at
-zero instead (gamma stays 1), which zeroes the branch as well and still learns.
+zero at the start where the shortcut carries the block's input, so each block
+starts as the identity (original: then the ReLU of the identity): in the
+original block the branch's last batch norm (``bn2``) starts with gamma 0. The
+pre-activation branch ends in a convolution, not a batch norm: its last batch
+norm (``bn2``) feeds ReLU and ``conv2``, and a zero gamma there (with beta 0)
+would output exactly 0, where ReLU passes no gradient, so gamma, beta and
+``conv2`` would never move and the branch would stay dead. There the branch's
+last layer, the kernel of ``conv2``, starts at zero instead (gamma stays 1),
+which zeroes the branch as well and still learns.
+
+Only the channels the shortcut carries are zeroed. In the first block of stages
+2 and 3 the option-A shortcut pads half of the channels with zeros; a branch
+started at zero there would make those channels exactly 0 before the ReLU
+(original) or feed a constant 0 into every later batch norm (preact), where no
+gradient passes, and they would stay dead for good: a first version did zero
+them, and in its trained ResNet-20 48 of the 64 final channels were still 0. Those
+channels start as a plain layer would (gamma 1, a drawn kernel). In every other
+block the shortcut carries all channels and the whole branch starts at zero.
 The plain network has no branches and refuses the option (config.py).
 """
 
@@ -42,27 +52,36 @@ tf1 = tf.compat.v1
 STAGE_FILTERS = (16, 32, 64)
 
 
-def _bn(x, training, data_format, name, bn, zero_gamma=False):
+def _bn(x, training, data_format, name, bn, zero_channels=None):
     return ops.batch_norm(x, training, data_format=data_format, name=name,
-                          zero_gamma=zero_gamma, **bn)
+                          zero_channels=zero_channels, **bn)
 
 
-def _conv(x, filters, strides, data_format, name, conv, zero_init=False):
+def _conv(x, filters, strides, data_format, name, conv, zero_channels=None):
     return ops.conv2d(x, filters, 3, strides, data_format=data_format, name=name,
-                      zero_init=zero_init, **conv)
+                      zero_channels=zero_channels, **conv)
+
+
+def _carried(x, filters, data_format, zero_init):
+    """The output channels to start at zero: those the shortcut carries, or None."""
+    if not zero_init:
+        return None
+    return ops.shortcut_channels(x.shape[ops.channel_axis(data_format)], filters)
 
 
 def original_block(x, filters, training, strides, data_format, first, bn, conv,
                    zero_init=False):
     """Post-activation block (He et al. 2015): conv-BN-ReLU-conv-BN, add, ReLU.
 
-    ``zero_init``: ``bn2``'s gamma starts at 0 (see the module docstring)."""
+    ``zero_init``: ``bn2``'s gamma starts at 0 in the channels the shortcut
+    carries (see the module docstring)."""
     del first  # the post-activation block looks the same everywhere
     shortcut = ops.shortcut_option_a(x, filters, strides, data_format=data_format)
     y = _conv(x, filters, strides, data_format, "conv1", conv)
     y = tf.nn.relu(_bn(y, training, data_format, "bn1", bn))
     y = _conv(y, filters, 1, data_format, "conv2", conv)
-    y = _bn(y, training, data_format, "bn2", bn, zero_gamma=zero_init)
+    y = _bn(y, training, data_format, "bn2", bn,
+            zero_channels=_carried(x, filters, data_format, zero_init))
     return tf.nn.relu(y + shortcut)
 
 
@@ -72,13 +91,15 @@ def preact_block(x, filters, training, strides, data_format, first, bn, conv,
 
     The very first block follows the stem's BN-ReLU ("we adopt the first
     activation right after conv1"), so it does not normalise again.
-    ``zero_init``: ``conv2``'s kernel starts at 0 (see the module docstring).
+    ``zero_init``: ``conv2``'s kernel starts at 0 for the output channels the
+    shortcut carries (see the module docstring).
     """
     shortcut = ops.shortcut_option_a(x, filters, strides, data_format=data_format)
     y = x if first else tf.nn.relu(_bn(x, training, data_format, "bn1", bn))
     y = _conv(y, filters, strides, data_format, "conv1", conv)
     y = tf.nn.relu(_bn(y, training, data_format, "bn2", bn))
-    y = _conv(y, filters, 1, data_format, "conv2", conv, zero_init=zero_init)
+    y = _conv(y, filters, 1, data_format, "conv2", conv,
+              zero_channels=_carried(x, filters, data_format, zero_init))
     return y + shortcut
 
 

@@ -13,6 +13,7 @@ ops. Conventions shared by every layer:
   scalar bool tensor (chosen at run time with ``tf.cond``).
 """
 
+import numpy as np
 import tensorflow as tf
 
 tf1 = tf.compat.v1
@@ -39,10 +40,30 @@ def kernel_initializer(init: str = "glorot"):
     raise ValueError(f"init must be glorot or he, got {init!r}")
 
 
+def zeroing_channels(initializer, channels: int, zero_channels):
+    """``initializer`` with the output channels (last axis) ``lo <= c < hi`` of
+    ``zero_channels = (lo, hi)`` starting at zero; unchanged for None, and plain
+    zeros when the range is every channel."""
+    if zero_channels is None:
+        return initializer
+    lo, hi = zero_channels
+    if not 0 <= lo <= hi <= channels:
+        raise ValueError(f"zero_channels {zero_channels} outside 0..{channels}")
+    if (lo, hi) == (0, channels):
+        return tf1.zeros_initializer()
+    mask = np.ones(channels, np.float32)
+    mask[lo:hi] = 0.0
+
+    def init(shape, dtype=tf.float32, partition_info=None):
+        value = initializer(shape, dtype=dtype, partition_info=partition_info)
+        return value * tf.constant(mask, dtype)
+    return init
+
+
 def conv2d(x, filters, kernel_size=3, strides=1, *, data_format, name, init="glorot",
-           stride_padding="same", zero_init=False):
-    """Convolution without bias; kernel from :func:`kernel_initializer` (or zeros
-    with ``zero_init``).
+           stride_padding="same", zero_channels=None):
+    """Convolution without bias; kernel from :func:`kernel_initializer`, with
+    the output channels of ``zero_channels = (lo, hi)`` starting at zero.
 
     Stride 1 uses 'SAME' padding ((k - 1) / 2 on every side). A strided
     convolution depends on ``stride_padding``: ``same`` is TensorFlow's 'SAME',
@@ -56,7 +77,7 @@ def conv2d(x, filters, kernel_size=3, strides=1, *, data_format, name, init="glo
     offset makes a bias redundant.
     """
     in_channels = x.shape[channel_axis(data_format)]
-    initializer = tf1.zeros_initializer() if zero_init else kernel_initializer(init)
+    initializer = zeroing_channels(kernel_initializer(init), filters, zero_channels)
     with tf1.variable_scope(name):
         kernel = tf1.get_variable(
             "kernel", [kernel_size, kernel_size, in_channels, filters], tf.float32,
@@ -77,7 +98,7 @@ def conv2d(x, filters, kernel_size=3, strides=1, *, data_format, name, init="glo
 
 
 def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5,
-               zero_gamma=False):
+               zero_channels=None):
     """Fused batch normalisation with moving averages.
 
     While training it normalises with the batch's statistics and records two
@@ -88,12 +109,14 @@ def batch_norm(x, training, *, data_format, name, momentum=0.9, epsilon=1e-5,
     ``graph.py``). Otherwise it normalises with the moving
     averages, so an image's output does not depend on the rest of its batch.
     Scale, offset and statistics stay float32 whatever the input dtype.
-    ``zero_gamma`` starts the scale at 0 instead of 1 (Goyal et al. 2017).
+    ``zero_channels = (lo, hi)`` starts the scale of those channels at 0
+    instead of 1 (Goyal et al. 2017).
     """
     channels = x.shape[channel_axis(data_format)]
     with tf1.variable_scope(name):
-        gamma = tf1.get_variable("gamma", [channels], tf.float32,
-                                 tf1.zeros_initializer() if zero_gamma else tf1.ones_initializer())
+        gamma = tf1.get_variable(
+            "gamma", [channels], tf.float32,
+            zeroing_channels(tf1.ones_initializer(), channels, zero_channels))
         beta = tf1.get_variable("beta", [channels], tf.float32, tf1.zeros_initializer())
         stat_collections = [tf1.GraphKeys.GLOBAL_VARIABLES, tf1.GraphKeys.MOVING_AVERAGE_VARIABLES]
         moving_mean = tf1.get_variable(
@@ -193,12 +216,22 @@ def shortcut_option_a(x, filters, strides, *, data_format):
             x = x[:, ::strides, ::strides, :]
         else:
             x = x[:, :, ::strides, ::strides]
-    extra = filters - x.shape[channel_axis(data_format)]
-    if extra:
+    in_channels = x.shape[channel_axis(data_format)]
+    lo, hi = shortcut_channels(in_channels, filters)
+    if (lo, hi) != (0, filters):
         pad = [[0, 0]] * 4
-        pad[channel_axis(data_format)] = [extra // 2, extra - extra // 2]
+        pad[channel_axis(data_format)] = [lo, filters - hi]
         x = tf.pad(x, pad)
     return x
+
+
+def shortcut_channels(in_channels: int, filters: int) -> tuple:
+    """(lo, hi): the output channels ``lo <= c < hi`` of :func:`shortcut_option_a`
+    that carry its input; the others are the zero padding."""
+    extra = filters - in_channels
+    if extra < 0:
+        raise ValueError(f"option A cannot shrink {in_channels} channels to {filters}")
+    return extra // 2, extra // 2 + in_channels
 
 
 def global_average_pool(x, *, data_format):

@@ -258,15 +258,47 @@ def test_new_options_leave_the_parameters_unchanged(model, depth):
     assert abs(base["params"] - PAPER_PARAMS[depth]) / PAPER_PARAMS[depth] < 0.02
 
 
+# depth 14: two blocks per stage; the first of stages 2 and 3 pads the shortcut
+# (16 -> 32 channels: 8..23 carry the input; 32 -> 64: 16..47).
+CARRIED = {"stage2/block1": (8, 24), "stage3/block1": (16, 48)}
+
+
+def _carried_mask(name, channels):
+    """True for the output channels of ``name``'s block that the shortcut carries."""
+    lo, hi = next((r for block, r in CARRIED.items() if f"/{block}/" in name), (0, channels))
+    mask = np.zeros(channels, bool)
+    mask[lo:hi] = True
+    return mask
+
+
+def test_shortcut_channels_are_the_ones_option_a_does_not_pad():
+    assert ops.shortcut_channels(16, 16) == (0, 16)
+    assert ops.shortcut_channels(16, 32) == (8, 24)
+    assert ops.shortcut_channels(32, 64) == (16, 48)
+    x = np.arange(2 * 4 * 4 * 16, dtype=np.float32).reshape(2, 4, 4, 16) + 1
+    g = tf.Graph()
+    with g.as_default():
+        y = ops.shortcut_option_a(tf.constant(x), 32, 2, data_format="NHWC")
+        with tf1.Session(graph=g) as sess:
+            out = sess.run(y)
+    carried = out[..., 8:24]
+    assert (carried == x[:, ::2, ::2, :]).all()
+    assert not out[..., :8].any() and not out[..., 24:].any()
+
+
 def test_zero_init_residual_zeroes_the_last_batch_norm_of_original_blocks():
     values = _initial_variables(TrainConfig(model="original", depth=14, zero_init_residual=True))
     gammas = {n: v for n, v in values.items() if n.endswith("/gamma")}
     assert len(gammas) == 1 + 3 * 2 * 2
     for name, gamma in gammas.items():
         if name.endswith("/bn2/gamma"):
-            assert not gamma.any(), name
+            carried = _carried_mask(name, len(gamma))
+            assert not gamma[carried].any(), name
+            assert (gamma[~carried] == 1).all(), name   # the padded channels start at 1
         else:
             assert (gamma == 1).all(), name
+    assert sum(not m.all() for m in (_carried_mask(n, len(v)) for n, v in gammas.items()
+                                     if n.endswith("/bn2/gamma"))) == 2
     assert all(w.any() for w in _kernels(values).values())
     default = _initial_variables(TrainConfig(model="original", depth=14))
     assert all((v == 1).all() for n, v in default.items() if n.endswith("/gamma"))
@@ -275,7 +307,12 @@ def test_zero_init_residual_zeroes_the_last_batch_norm_of_original_blocks():
 def test_zero_init_residual_zeroes_the_last_convolution_of_preact_blocks():
     values = _initial_variables(TrainConfig(model="preact", depth=14, zero_init_residual=True))
     for name, w in _kernels(values).items():
-        assert w.any() == (not name.endswith("/conv2/kernel")), name
+        if name.endswith("/conv2/kernel"):
+            carried = _carried_mask(name, w.shape[-1])
+            assert not w[..., carried].any(), name
+            assert all(w[..., c].any() for c in np.flatnonzero(~carried)), name
+        else:
+            assert w.any(), name
     assert sum(n.endswith("/conv2/kernel") for n in values) == 6
     assert all((v == 1).all() for n, v in values.items() if n.endswith("/gamma"))
 
@@ -286,7 +323,8 @@ def test_a_zero_gamma_in_front_of_relu_would_never_learn():
     g = tf.Graph()
     with g.as_default():
         x = tf.constant(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), tf.float32)
-        y = tf.nn.relu(ops.batch_norm(x, True, data_format="NHWC", name="bn", zero_gamma=True))
+        y = tf.nn.relu(ops.batch_norm(x, True, data_format="NHWC", name="bn",
+                                       zero_channels=(0, 3)))
         loss = tf.reduce_sum(ops.conv2d(y, 3, data_format="NHWC", name="conv") ** 2 + y)
         variables = tf1.trainable_variables()
         grads = tf.gradients(loss, variables)
@@ -296,9 +334,12 @@ def test_a_zero_gamma_in_front_of_relu_would_never_learn():
     assert all(not v.any() for v in values)
 
 
-@pytest.mark.parametrize("model, moved", [("original", "stage1/block1/bn2/gamma"),
-                                          ("preact", "stage1/block1/conv2/kernel")])
-def test_zero_initialised_branches_start_as_the_identity_and_learn(model, moved):
+@pytest.mark.parametrize("model, last", [("original", "bn2/gamma"),
+                                         ("preact", "conv2/kernel")])
+def test_zero_initialised_branches_start_as_the_identity_and_learn(model, last):
+    """Every channel of every zero-initialised layer moves, the padded channels of
+    the downsampling blocks included: a first version zeroed those too, and they
+    never moved (0 before a ReLU, or a constant 0 into every later batch norm)."""
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 8).astype(np.int32)
@@ -308,7 +349,9 @@ def test_zero_initialised_branches_start_as_the_identity_and_learn(model, moved)
     with g.as_default():
         t = build_train_graph(cfg, (120,) * 3, (60,) * 3, 8)
         init = tf1.global_variables_initializer()
-        var = [v for v in tf1.global_variables() if v.op.name == f"{MODEL_SCOPE}/{moved}"][0]
+        blocks = ("stage1/block1", "stage2/block1", "stage3/block1")
+        names = {v.op.name: v for v in tf1.global_variables()}
+        layers = [names[f"{MODEL_SCOPE}/{b}/{last}"] for b in blocks]
         block = g.get_tensor_by_name(f"{MODEL_SCOPE}/stage1/block1/add:0")
         shortcut_in = g.get_tensor_by_name(f"{MODEL_SCOPE}/stem/Relu:0")
     with tf1.Session(graph=g) as sess:
@@ -316,10 +359,14 @@ def test_zero_initialised_branches_start_as_the_identity_and_learn(model, moved)
         sess.run(t.load_data, {t.data_images: images, t.data_labels: labels})
         out, identity = sess.run([block, shortcut_in], {t.training: True})
         np.testing.assert_allclose(out, identity, atol=1e-6)   # branch + shortcut = shortcut
-        assert not sess.run(var).any()
+        before = sess.run(layers)
+        assert not before[0].any()
         for _ in range(2):
             sess.run(t.train_op, {t.training: True})
-        assert sess.run(var).any()
+        after = sess.run(layers)
+    for name, b, a in zip(blocks, before, after):
+        changed = (a != b).reshape(-1, a.shape[-1]).any(axis=0)   # per output channel
+        assert changed.all(), (name, np.flatnonzero(~changed))
 
 
 def test_zero_init_residual_is_refused_for_plain():
