@@ -223,7 +223,7 @@ def averaged_variables():
     return trainable + stats
 
 
-def average_weights(cfg: TrainConfig, train_op, global_step):
+def average_weights(cfg: TrainConfig, train_op, global_step, applied=None):
     """With ``cfg.ema_decay``: a train op that, after ``train_op``'s update (a
     control dependency), moves every shadow variable towards its variable.
 
@@ -234,16 +234,21 @@ def average_weights(cfg: TrainConfig, train_op, global_step):
     --resume) and are named ``<variable>/ExponentialMovingAverage``. Training
     goes on with the raw weights. Returns (train_op, ema or None).
 
-    With fp16 a step that loss scaling skips still runs the average, which
-    then moves its shadows towards the unchanged weights (``num_updates``
-    stays, so the decay does too): a small pull, not a wrong value.
+    ``applied`` (fp16: the step's finiteness, from :func:`minimize`) makes a
+    step that loss scaling skips leave the shadows alone (decay 1), so the
+    average holds the applied steps only, as the weights do.
     """
     if not cfg.ema_decay:
         return train_op, None
-    ema = tf1.train.ExponentialMovingAverage(cfg.ema_decay, num_updates=global_step,
-                                             name=EMA_NAME)
     variables = averaged_variables()
     with tf.control_dependencies([train_op]):
+        if applied is None:
+            ema = tf1.train.ExponentialMovingAverage(cfg.ema_decay, num_updates=global_step,
+                                                     name=EMA_NAME)
+        else:   # the same decay as num_updates gives, or 1 on a skipped step
+            n = tf.cast(global_step, tf.float32)    # read after this step's update
+            decay = tf.where(applied, tf.minimum(cfg.ema_decay, (1.0 + n) / (10.0 + n)), 1.0)
+            ema = tf1.train.ExponentialMovingAverage(decay, name=EMA_NAME)
         update = ema.apply(variables)
     return tf.group(update), ema
 
@@ -302,8 +307,9 @@ def minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScali
     scaling): several towers and processes average both in it (see
     resnet_graph.replicate).
 
-    Returns the train op. Its control inputs are the statistics' assignments in
-    UPDATE_OPS. With loss scaling the loss is multiplied by ``scale`` before
+    Returns (train op, applied): the train op's control inputs are the
+    statistics' assignments in UPDATE_OPS; ``applied`` is None without loss
+    scaling, else the bool tensor "this step is finite and applied". With loss scaling the loss is multiplied by ``scale`` before
     differentiation and the gradients divided by it; a step whose gradients or
     statistics hold inf/NaN is skipped: no weight, slot, statistic or
     ``global_step`` changes, ``skipped_steps`` grows and the scale halves
@@ -320,13 +326,13 @@ def minimize(optimizer, loss, var_list, global_step, scaling: Optional[LossScali
         grads, deltas = compute(None)
         updates = ops.moving_statistics_updates(statistics, deltas)
         with tf.control_dependencies(updates):
-            return optimizer.apply_gradients(zip(grads, var_list), global_step)
+            return optimizer.apply_gradients(zip(grads, var_list), global_step), None
     grads, deltas = compute(scaling.scale)
     finite = all_finite(list(grads) + list(deltas))
     updates = ops.moving_statistics_updates(statistics, deltas, gate=finite)
     with tf.control_dependencies(updates):
-        return guarded_update(scaling, finite,
-                              lambda: optimizer.apply_gradients(zip(grads, var_list), global_step))
+        return guarded_update(scaling, finite, lambda: optimizer.apply_gradients(
+            zip(grads, var_list), global_step)), finite
 
 
 def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
@@ -356,9 +362,10 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         lr = learning_rate(cfg, steps, max(num_train // cfg.batch_size, 1))
         optimizer = make_optimizer(cfg, lr)
         statistics = tf1.get_collection(ops.STATISTICS_UPDATES, scope=MODEL_SCOPE)
-        train_op = minimize(optimizer, total_loss, tf1.trainable_variables(MODEL_SCOPE),
-                             global_step, scaling, statistics)
-    train_op, ema = average_weights(cfg, train_op, global_step)
+        train_op, applied = minimize(optimizer, total_loss,
+                                     tf1.trainable_variables(MODEL_SCOPE),
+                                     global_step, scaling, statistics)
+    train_op, ema = average_weights(cfg, train_op, global_step, applied)
     tensors = train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
                              step_loss=t.loss, step_accuracy=t.accuracy)
     if ema is not None:

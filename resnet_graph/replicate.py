@@ -162,10 +162,10 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
             return grads, deltas
 
         with tf.device(device_prefix + variables_device):
-            train_op = minimize(optimizer, losses[0], var_list, global_step, scaling, statistics,
-                                 compute=compute)
+            train_op, applied = minimize(optimizer, losses[0], var_list, global_step, scaling,
+                                         statistics, compute=compute)
     with tf.device(device_prefix + variables_device):
-        train_op, ema = average_weights(cfg, train_op, global_step)
+        train_op, ema = average_weights(cfg, train_op, global_step, applied)
     with tf.device(device_prefix or None):
         tensors = train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
                                  step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])

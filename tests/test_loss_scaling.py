@@ -190,6 +190,35 @@ def test_a_skipped_step_leaves_the_batch_norm_statistics_alone(dataset):
             np.testing.assert_array_equal(a, b)
 
 
+def test_a_skipped_step_leaves_the_weight_average_alone(dataset):
+    """With --ema-decay the shadows move on applied steps only (decay 1 when skipped)."""
+    import tensorflow as tf
+    tf1 = tf.compat.v1
+    g = tf.Graph()
+    with g.as_default():
+        cfg = fp16_config("ema").replace(ema_decay=0.9)
+        t = graph.build_train_graph(cfg, (0.0,) * 3, (1e-3,) * 3, len(dataset.train),
+                                    precision="fp16")   # std 1e-3: see the test above
+        shadows = [v for v in tf1.global_variables() if v.op.name.endswith(graph.EMA_NAME)]
+        init = tf1.global_variables_initializer()
+    assert shadows
+    with tf1.Session(graph=g) as sess:
+        sess.run(init)
+        sess.run(t.load_data, {t.data_images: dataset.train.images,
+                               t.data_labels: dataset.train.labels})
+        sess.run(t.loss_scale.assign(1.0))
+        before = sess.run(shadows)
+        sess.run(t.train_op, {t.images: np.zeros((20, 32, 32, 3), np.uint8), t.training: True})
+        assert sess.run([t.global_step, t.skipped_steps]) == [1, 0]
+        applied = sess.run(shadows)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, applied))
+        bright = np.full((20, 32, 32, 3), 255, np.uint8)
+        sess.run(t.train_op, {t.images: bright, t.training: True})
+        assert sess.run([t.global_step, t.skipped_steps]) == [1, 1]
+        for a, b in zip(applied, sess.run(shadows)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_the_loss_scale_never_grows_past_its_cap(dataset, monkeypatch):
     import tensorflow as tf
     tf1 = tf.compat.v1
