@@ -1,25 +1,38 @@
 """The issue-17 ablation as one markdown table, from the arms' history files.
 
     .venv/bin/python bench/ablation_table.py [ABLATION_DIR]     # default /work/ablation
+    .venv/bin/python bench/ablation_table.py docs/runs --files --write docs/results.md
 
 Reads ``<dir>/<arm>/histories.h5`` of every arm that bench/ablation.sh runs (or a copy
 of them, e.g. docs/runs/ablation-<arm>.h5 with ``--files``), takes the finished runs
 (a ``test_acc`` attribute) and prints, per arm: the seeds, the final test accuracy of
 each, their mean, the spread (max - min), the difference of the mean from ``base``'s,
 the best validation accuracy and the wall-clock per run. Unfinished runs are listed
-as such. Only numbers in the files are printed.
+as such. Only numbers in the files are printed. ``--write FILE`` puts the table between
+the ``<!-- ablation:begin -->`` and ``<!-- ablation:end -->`` lines of FILE instead.
 """
 
 import argparse
+import contextlib
+import datetime
+import io
 import pathlib
 import statistics
 
 import h5py
 
+BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+NOTE = ("Test accuracy is the final checkpoint's, on the 10,000 test images; best valid is "
+        "over the 5,000 held-out images. Read on {date} from the histories "
+        "(`bench/ablation_table.py`).")
+
 ARMS = {  # arm -> the flags bench/ablation.sh gives it
     "base": "", "he": "--init he", "sym": "--stride-padding symmetric",
     "zero": "--zero-init-residual", "ema": "--ema-decay 0.999", "lr02": "--lr 0.2",
     "b256": "--batch-size 256", "paper": "--init he --stride-padding symmetric",
+    # the first --zero-init-residual (before commit f9ec587), which also zeroed the
+    # channels the option-A shortcut pads and left them dead: kept as a record
+    "zero-deadchannels": "--zero-init-residual (first version, padded channels dead)",
 }
 
 
@@ -44,11 +57,28 @@ def main(argv=None):
     p.add_argument("root", nargs="?", default="/work/ablation")
     p.add_argument("--files", action="store_true",
                    help="ROOT holds ablation-<arm>.h5 files instead of <arm>/histories.h5")
+    p.add_argument("--write", metavar="FILE", help="replace the table between the markers of FILE")
     args = p.parse_args(argv)
-    root = pathlib.Path(args.root)
+    if not args.write:
+        print_table(pathlib.Path(args.root), args.files)
+        return
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_table(pathlib.Path(args.root), args.files)
+    path = pathlib.Path(args.write)
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{path}: no single {BEGIN} ... {END} block")
+    head, rest = text.split(BEGIN)
+    tail = rest.split(END)[1]
+    block = out.getvalue() + "\n" + NOTE.format(date=datetime.date.today().isoformat()) + "\n"
+    path.write_text(f"{head}{BEGIN}\n{block}{END}{tail}")
+
+
+def print_table(root: pathlib.Path, files: bool) -> None:
     table = {}
     for arm in ARMS:
-        path = root / (f"ablation-{arm}.h5" if args.files else f"{arm}/histories.h5")
+        path = root / (f"ablation-{arm}.h5" if files else f"{arm}/histories.h5")
         if path.is_file():
             table[arm] = read_arm(path)
     base = [v[0] for v in table.get("base", {}).values() if v[0] is not None]
