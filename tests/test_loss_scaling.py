@@ -159,64 +159,51 @@ def test_resume_in_mid_epoch_after_skips(dataset, tmp_path, straight, overflowin
     _compare(straight, records, tmp_path / "middle", tmp_path / "h.h5", "middle")
 
 
-def test_a_skipped_step_leaves_the_batch_norm_statistics_alone(dataset):
-    """Statistics move on applied steps only, even when the batch's own are inf."""
+def _applied_then_skipped(dataset, cfg, watched):
+    """One applied step (a dark batch), then one skipped step (a bright batch with inf
+    activations): asserts that the variables ``watched(tf1)`` picks move on the first
+    and are bit-identical after the second."""
     import tensorflow as tf
     tf1 = tf.compat.v1
     g = tf.Graph()
     with g.as_default():
         # std 1e-3: a pixel of 255 normalises to 2.55e5, beyond fp16's 65504, so a
         # bright batch has inf activations and inf/NaN batch statistics.
-        t = graph.build_train_graph(fp16_config("bn"), (0.0,) * 3, (1e-3,) * 3,
-                                    len(dataset.train), precision="fp16")
-        stats = tf1.get_collection(tf1.GraphKeys.MOVING_AVERAGE_VARIABLES, scope="model")
+        t = graph.build_train_graph(cfg, (0.0,) * 3, (1e-3,) * 3, len(dataset.train),
+                                    precision="fp16")
+        variables = watched(tf1)
         init = tf1.global_variables_initializer()
+    assert variables
     with tf1.Session(graph=g) as sess:
         sess.run(init)
         sess.run(t.load_data, {t.data_images: dataset.train.images,
                                t.data_labels: dataset.train.labels})
         # Scale 1: the bright batch below overflows in its activations, not its scale.
         sess.run(t.loss_scale.assign(1.0))
-        before = sess.run(stats)
+        before = sess.run(variables)
         dark = np.zeros((20, 32, 32, 3), np.uint8)
         sess.run(t.train_op, {t.images: dark, t.training: True})
         assert sess.run([t.global_step, t.skipped_steps]) == [1, 0]
-        applied = sess.run(stats)
+        applied = sess.run(variables)
         assert any(not np.array_equal(a, b) for a, b in zip(before, applied))
         bright = np.full((20, 32, 32, 3), 255, np.uint8)
         sess.run(t.train_op, {t.images: bright, t.training: True})
         assert sess.run([t.global_step, t.skipped_steps]) == [1, 1]
-        for a, b in zip(applied, sess.run(stats)):
+        for a, b in zip(applied, sess.run(variables)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_skipped_step_leaves_the_batch_norm_statistics_alone(dataset):
+    """Statistics move on applied steps only, even when the batch's own are inf."""
+    _applied_then_skipped(dataset, fp16_config("bn"), lambda tf1: tf1.get_collection(
+        tf1.GraphKeys.MOVING_AVERAGE_VARIABLES, scope="model"))
 
 
 def test_a_skipped_step_leaves_the_weight_average_alone(dataset):
     """With --ema-decay the shadows move on applied steps only (decay 1 when skipped)."""
-    import tensorflow as tf
-    tf1 = tf.compat.v1
-    g = tf.Graph()
-    with g.as_default():
-        cfg = fp16_config("ema").replace(ema_decay=0.9)
-        t = graph.build_train_graph(cfg, (0.0,) * 3, (1e-3,) * 3, len(dataset.train),
-                                    precision="fp16")   # std 1e-3: see the test above
-        shadows = [v for v in tf1.global_variables() if v.op.name.endswith(graph.EMA_NAME)]
-        init = tf1.global_variables_initializer()
-    assert shadows
-    with tf1.Session(graph=g) as sess:
-        sess.run(init)
-        sess.run(t.load_data, {t.data_images: dataset.train.images,
-                               t.data_labels: dataset.train.labels})
-        sess.run(t.loss_scale.assign(1.0))
-        before = sess.run(shadows)
-        sess.run(t.train_op, {t.images: np.zeros((20, 32, 32, 3), np.uint8), t.training: True})
-        assert sess.run([t.global_step, t.skipped_steps]) == [1, 0]
-        applied = sess.run(shadows)
-        assert any(not np.array_equal(a, b) for a, b in zip(before, applied))
-        bright = np.full((20, 32, 32, 3), 255, np.uint8)
-        sess.run(t.train_op, {t.images: bright, t.training: True})
-        assert sess.run([t.global_step, t.skipped_steps]) == [1, 1]
-        for a, b in zip(applied, sess.run(shadows)):
-            np.testing.assert_array_equal(a, b)
+    _applied_then_skipped(
+        dataset, fp16_config("ema").replace(ema_decay=0.9),
+        lambda tf1: [v for v in tf1.global_variables() if v.op.name.endswith(graph.EMA_NAME)])
 
 
 def test_the_loss_scale_never_grows_past_its_cap(dataset, monkeypatch):
