@@ -59,8 +59,8 @@ def test_the_recipes_keep_the_specified_values():
     assert (he.optimizer, he.nesterov, he.lr, he.lr_boundaries, he.epochs, he.batch_size,
             he.weight_decay, he.label_smoothing) == (
         "momentum", False, 0.1, (32000, 48000), 182, 128, 1e-4, 0.0)
-    assert (fast.optimizer, fast.nesterov, fast.lr_schedule, fast.label_smoothing,
-            fast.augment) == ("momentum", True, "cosine", 0.1, True)
+    assert (fast.optimizer, fast.nesterov, fast.lr, fast.lr_schedule, fast.label_smoothing,
+            fast.augment) == ("momentum", True, 0.2, "cosine", 0.1, True)
     assert set(RECIPES) == {"seed", "he2016", "fast"}
     blocks = ("init", "stride_padding", "zero_init_residual", "ema_decay")
     assert [getattr(seed, k) for k in blocks] == ["glorot", "same", False, 0.0]
