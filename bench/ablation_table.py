@@ -6,7 +6,8 @@
 Reads ``<dir>/<arm>/histories.h5`` of every arm that bench/ablation.sh runs (or a copy
 of them, e.g. docs/runs/ablation-<arm>.h5 with ``--files``), takes the finished runs
 (a ``test_acc`` attribute) and prints, per arm: the seeds, the final test accuracy of
-each, their mean, the spread (max - min), the difference of the mean from ``base``'s,
+each, their mean, the spread (max - min), the mean difference from ``base`` over the
+seeds both finished (and how many of those seeds are ahead),
 the best validation accuracy and the wall-clock per run. Unfinished runs are listed
 as such. Only numbers in the files are printed. ``--write FILE`` puts the table between
 the ``<!-- ablation:begin -->`` and ``<!-- ablation:end -->`` lines of FILE instead.
@@ -81,9 +82,8 @@ def print_table(root: pathlib.Path, files: bool) -> None:
         path = root / (f"ablation-{arm}.h5" if files else f"{arm}/histories.h5")
         if path.is_file():
             table[arm] = read_arm(path)
-    base = [v[0] for v in table.get("base", {}).values() if v[0] is not None]
-    base_mean = statistics.mean(base) if base else None
-    print("| arm | flags | seeds finished | test % per seed | mean % | spread | vs base | "
+    base = {s: v[0] for s, v in table.get("base", {}).items() if v[0] is not None}
+    print("| arm | flags | seeds finished | test % per seed | mean % | spread | vs base, same seeds | "
           "best valid % | wall-clock per run |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for arm, runs in table.items():
@@ -91,12 +91,17 @@ def print_table(root: pathlib.Path, files: bool) -> None:
         open_ = {s: v for s, v in sorted(runs.items()) if v[0] is None}
         tests = [v[0] * 100 for v in done.values()]
         mean = statistics.mean(tests) if tests else None
+        # paired: the mean over the seeds both finished of (arm - base), each seed with
+        # the base run of the same data order, and whether every one of them is ahead
+        paired = [100 * (v[0] - base[s]) for s, v in done.items() if s in base]
+        vs_base = "-" if not paired else (f"{statistics.mean(paired):+.2f} "
+                                          f"({sum(d > 0 for d in paired)}/{len(paired)} ahead)")
         cells = [arm, f"`{ARMS[arm]}`" if ARMS[arm] else "(fast as is)",
                  ", ".join(str(s) for s in done) or "-",
                  " / ".join(f"{t:.2f}" for t in tests) or "-",
                  f"{mean:.2f}" if mean is not None else "-",
                  f"{max(tests) - min(tests):.2f}" if len(tests) > 1 else "-",
-                 f"{mean - base_mean * 100:+.2f}" if mean is not None and base_mean else "-",
+                 vs_base,
                  " / ".join(f"{v[1] * 100:.2f}" for v in done.values()) or "-",
                  " / ".join(f"{v[2] / 60:.0f} min" for v in done.values()) or "-"]
         if open_:
