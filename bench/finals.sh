@@ -13,6 +13,12 @@
 # checkpoint; an evaluation whose JSON exists is not repeated. FLAGS are added to every
 # `experiment` (default none: the recipe as it is in the checkout).
 #
+# Across machines: CARRY names a snapshot made by `bench/carry.py save` (kept in
+# docs/runs/finals/). When set, the snapshot is restored into $FINALS_DIR first (only the run
+# folders that are missing there), so the runs resume from the carried checkpoints. Save
+# one before a session ends:
+#   .venv/bin/python bench/carry.py save "$FINALS_DIR" docs/runs/finals
+#
 # Stop it with `kill -- -<pgid>`. The code is the editable install of $REPO (default:
 # the current folder): do not edit that folder while it runs.
 set -u
@@ -22,9 +28,10 @@ FINALS_DIR=${FINALS_DIR:-/work/finals}
 DATA_DIR=${DATA_DIR:-/work/shared/data/cifar-10-batches-bin}
 EPOCHS=${EPOCHS:-30}
 DEPTH=${DEPTH:-32}
-PRECISION=${PRECISION:-bf16}
+PRECISION=${PRECISION:-fp32}
 RUNS=${RUNS:-"original:0 preact:0 original:1 preact:1"}
 FLAGS=${FLAGS:-}
+CARRY=${CARRY:-}
 EXE="$REPO/.venv/bin/resnet-graph"
 
 if [ ! -x "$EXE" ]; then
@@ -32,6 +39,9 @@ if [ ! -x "$EXE" ]; then
     exit 1
 fi
 mkdir -p "$FINALS_DIR/logs"
+if [ -n "$CARRY" ]; then
+    "$REPO/.venv/bin/python" "$REPO/bench/carry.py" restore "$CARRY" "$FINALS_DIR" || exit 1
+fi
 echo "$(date -u '+%F %T') finals in $FINALS_DIR from $REPO at" \
      "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)" \
      "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo '(uncommitted changes!)')"

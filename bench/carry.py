@@ -1,0 +1,168 @@
+"""Carry an `experiment` folder across machines: the files a long run needs to resume, small
+enough to commit (docs/runs/<name>/), and back.
+
+    .venv/bin/python bench/carry.py save /work/finals docs/runs/finals
+    .venv/bin/python bench/carry.py restore docs/runs/finals /work/finals
+
+`save` copies, from an experiment folder: ``histories.h5`` (under its lock, so never half a
+rewrite), ``report.md``/``report.json``, and per run folder ``config.json``, the latest
+checkpoint (its ``.index`` and ``.data-*`` files, with a ``checkpoint`` state file naming only
+it), ``best/`` (its checkpoint and ``best.json``) and the ``eval-*.json`` files of
+bench/finals.sh. Left out: older checkpoints, TensorBoard event files, locks and logs. Files
+already in DEST that the source no longer has (an older checkpoint) are removed, so DEST is
+a snapshot. Every file is written to a temporary name and renamed.
+
+`restore` copies such a snapshot into an experiment folder, only into run folders that are
+missing there (it never overwrites a run that exists), and the history file only when the
+folder has none. Then the same `resnet-graph experiment` command (or bench/finals.sh)
+resumes each unfinished run from its carried checkpoint.
+
+A run folder's checkpoint state file stores relative paths (the Saver is made with
+``save_relative_paths=True``), so a carried folder works wherever it is put.
+"""
+
+import argparse
+import os
+import pathlib
+import re
+import shutil
+import sys
+
+import filelock
+
+HISTORY = "histories.h5"
+TOP_FILES = (HISTORY, "report.md", "report.json")
+STATE = "checkpoint"
+BEST = "best"
+_LATEST = re.compile(r'^model_checkpoint_path:\s*"(.+)"\s*$', re.MULTILINE)
+
+
+def latest_prefix(folder: pathlib.Path):
+    """The checkpoint prefix the state file of ``folder`` names as latest, or None."""
+    try:
+        match = _LATEST.search((folder / STATE).read_text(encoding="utf-8"))
+    except OSError:
+        return None
+    if not match or os.path.isabs(match.group(1)):
+        return None
+    prefix = match.group(1)
+    return prefix if (folder / f"{prefix}.index").is_file() else None
+
+
+def checkpoint_files(folder: pathlib.Path, prefix: str):
+    return sorted(p for p in folder.iterdir()
+                  if p.name == f"{prefix}.index" or p.name.startswith(f"{prefix}.data-"))
+
+
+def copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.carry-tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+
+
+def write_atomic(dst: pathlib.Path, text: str) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.carry-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, dst)
+
+
+def snapshot_checkpoint(src: pathlib.Path, dst: pathlib.Path) -> list:
+    """Copy the latest checkpoint of ``src`` into ``dst`` with a state file naming it only."""
+    prefix = latest_prefix(src)
+    if prefix is None:
+        return []
+    kept = []
+    for path in checkpoint_files(src, prefix):
+        copy_atomic(path, dst / path.name)
+        kept.append(path.name)
+    write_atomic(dst / STATE, f'model_checkpoint_path: "{prefix}"\n'
+                              f'all_model_checkpoint_paths: "{prefix}"\n')
+    kept.append(STATE)
+    return kept
+
+
+def prune(folder: pathlib.Path, kept: set) -> None:
+    """Remove the files of ``folder`` (not its subfolders) that the snapshot did not write."""
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in kept:
+            path.unlink()
+
+
+def save(src: pathlib.Path, dst: pathlib.Path) -> int:
+    if not (src / HISTORY).is_file():
+        raise SystemExit(f"error: {src} has no {HISTORY}: not an experiment folder")
+    dst.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(src / f"{HISTORY}.lock"), timeout=600):
+        copy_atomic(src / HISTORY, dst / HISTORY)
+    top = {HISTORY}
+    for name in TOP_FILES[1:]:
+        if (src / name).is_file():
+            copy_atomic(src / name, dst / name)
+            top.add(name)
+    runs = 0
+    for run in sorted(p for p in src.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+        out = dst / run.name
+        kept = set(snapshot_checkpoint(run, out))
+        for path in [run / "config.json", *sorted(run.glob("eval-*.json"))]:
+            copy_atomic(path, out / path.name)
+            kept.add(path.name)
+        prune(out, kept)
+        if (run / BEST).is_dir():
+            best_kept = set(snapshot_checkpoint(run / BEST, out / BEST))
+            if (run / BEST / "best.json").is_file():
+                copy_atomic(run / BEST / "best.json", out / BEST / "best.json")
+                best_kept.add("best.json")
+            prune(out / BEST, best_kept)
+        runs += 1
+        print(f"{run.name}: {latest_prefix(out) or 'no checkpoint yet'}")
+    for path in dst.iterdir():
+        if path.is_file() and path.name not in top:
+            path.unlink()
+        elif path.is_dir() and not (src / path.name / "config.json").is_file():
+            shutil.rmtree(path)
+    print(f"saved {runs} run folder(s) of {src} into {dst}")
+    return runs
+
+
+def restore(src: pathlib.Path, dst: pathlib.Path) -> int:
+    if not (src / HISTORY).is_file():
+        raise SystemExit(f"error: {src} has no {HISTORY}: not a snapshot made by 'carry.py save'")
+    dst.mkdir(parents=True, exist_ok=True)
+    if (dst / HISTORY).exists():
+        print(f"{dst / HISTORY} exists: kept as it is")
+    else:
+        copy_atomic(src / HISTORY, dst / HISTORY)
+    restored = 0
+    for run in sorted(p for p in src.iterdir() if p.is_dir()):
+        out = dst / run.name
+        if out.exists():
+            print(f"{out} exists: kept as it is")
+            continue
+        tmp = dst / f".{run.name}.carry-tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run, tmp)
+        os.replace(tmp, out)
+        restored += 1
+        print(f"{run.name}: restored ({latest_prefix(out) or 'no checkpoint'})")
+    print(f"restored {restored} run folder(s) into {dst}")
+    return restored
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("save", "restore"))
+    p.add_argument("src", type=pathlib.Path)
+    p.add_argument("dst", type=pathlib.Path)
+    args = p.parse_args(argv)
+    if not args.src.is_dir():
+        raise SystemExit(f"error: {args.src} is not a folder")
+    (save if args.action == "save" else restore)(args.src, args.dst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""bench/carry.py: the snapshot of an experiment folder that long runs carry across machines."""
+
+import importlib.util
+import json
+import pathlib
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+tf1 = tf.compat.v1
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def carry():
+    spec = importlib.util.spec_from_file_location("carry", ROOT / "bench" / "carry.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _save_checkpoints(folder: pathlib.Path, steps, value=0.0):
+    """Real Saver checkpoints of one variable (value + step) at ``steps``; keeps the last 3."""
+    graph = tf.Graph()
+    with graph.as_default():
+        var = tf1.get_variable("w", initializer=np.float32(0.0))
+        step = tf1.placeholder(tf.float32, [])
+        assign = var.assign(step + value)
+        saver = tf1.train.Saver(max_to_keep=3, save_relative_paths=True)
+        with tf1.Session(graph=graph) as sess:
+            for s in steps:
+                sess.run(assign, {step: s})
+                saver.save(sess, str(folder / "model.ckpt"), global_step=s, write_meta_graph=False)
+
+
+def _restored_value(folder: pathlib.Path) -> float:
+    prefix = tf1.train.latest_checkpoint(str(folder))
+    assert prefix is not None, f"no checkpoint found in {folder}"
+    return float(tf.train.load_checkpoint(prefix).get_tensor("w"))
+
+
+def _experiment(tmp_path: pathlib.Path) -> pathlib.Path:
+    exp = tmp_path / "exp"
+    run = exp / "original-32-s0"
+    (run / "best").mkdir(parents=True)
+    with h5py.File(exp / "histories.h5", "w") as f:
+        f.create_group("original-32-s0").create_dataset("epoch", data=np.arange(1, 5))
+    (run / "config.json").write_text(json.dumps({"model": "original"}))
+    (run / "eval-final.json").write_text(json.dumps({"accuracy": 0.5}))
+    (run / "events.out.tfevents.1.vm").write_bytes(b"x" * 100)
+    (run / ".lock").write_text("")
+    _save_checkpoints(run, [10, 20, 30, 40])
+    _save_checkpoints(run / "best", [20], value=0.5)
+    (run / "best" / "best.json").write_text(json.dumps({"epoch": 2}))
+    return exp
+
+
+def test_save_keeps_the_latest_checkpoint_only_and_restores_elsewhere(carry, tmp_path):
+    exp = _experiment(tmp_path)
+    snap = tmp_path / "snap"
+    assert carry.main(["save", str(exp), str(snap)]) == 0
+
+    run = snap / "original-32-s0"
+    names = sorted(p.name for p in run.iterdir() if p.is_file())
+    assert names == ["checkpoint", "config.json", "eval-final.json", "model.ckpt-40.data-00000-of-00001",
+                     "model.ckpt-40.index"]
+    assert sorted(p.name for p in (run / "best").iterdir()) == [
+        "best.json", "checkpoint", "model.ckpt-20.data-00000-of-00001", "model.ckpt-20.index"]
+    assert _restored_value(run) == 40.0
+    assert _restored_value(run / "best") == 20.5
+    with h5py.File(snap / "histories.h5", "r") as f:
+        assert list(f["original-32-s0/epoch"][()]) == [1, 2, 3, 4]
+
+    # The machine is gone: restore into a new folder; the checkpoint resolves there.
+    fresh = tmp_path / "elsewhere" / "exp"
+    assert carry.main(["restore", str(snap), str(fresh)]) == 0
+    assert _restored_value(fresh / "original-32-s0") == 40.0
+    assert _restored_value(fresh / "original-32-s0" / "best") == 20.5
+    assert (fresh / "histories.h5").is_file()
+    assert not list(fresh.glob(".*carry-tmp"))
+
+
+def test_a_second_save_replaces_the_older_snapshot(carry, tmp_path):
+    exp = _experiment(tmp_path)
+    snap = tmp_path / "snap"
+    carry.main(["save", str(exp), str(snap)])
+    _save_checkpoints(exp / "original-32-s0", [50])          # the run went on
+    (snap / "stale.txt").write_text("left from before")
+    carry.main(["save", str(exp), str(snap)])
+    run = snap / "original-32-s0"
+    assert not list(run.glob("model.ckpt-40.*"))
+    assert _restored_value(run) == 50.0
+    assert not (snap / "stale.txt").exists()
+
+
+def test_restore_never_overwrites_a_run_that_exists(carry, tmp_path):
+    exp = _experiment(tmp_path)
+    snap = tmp_path / "snap"
+    carry.main(["save", str(exp), str(snap)])
+    _save_checkpoints(exp / "original-32-s0", [50])
+    carry.main(["restore", str(snap), str(exp)])
+    assert _restored_value(exp / "original-32-s0") == 50.0     # the newer local state stays
+
+
+def test_refuses_a_folder_without_history(carry, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no histories.h5"):
+        carry.main(["save", str(tmp_path / "empty"), str(tmp_path / "snap")])
+    with pytest.raises(SystemExit, match="no histories.h5"):
+        carry.main(["restore", str(tmp_path / "empty"), str(tmp_path / "exp")])
