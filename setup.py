@@ -24,6 +24,6 @@ setup(
         "PyYAML",
     ],
     # `make test` also runs the linters (ruff.toml, .importlinter).
-    extras_require={"test": ["pytest", "hypothesis", "ruff", "import-linter"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff", "import-linter"]},
     entry_points={"console_scripts": ["resnet-graph=resnet_graph.cli:main"]},
 )
