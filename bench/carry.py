@@ -95,6 +95,10 @@ def prune(folder: pathlib.Path, kept: set) -> None:
 def save(src: pathlib.Path, dst: pathlib.Path) -> int:
     if not (src / HISTORY).is_file():
         raise SystemExit(f"error: {src} has no {HISTORY}: not an experiment folder")
+    live = sorted(dst.glob("*/.lock"))
+    if live:
+        raise SystemExit(f"error: {dst} is an experiment folder that trains (it has {live[0]}), "
+                         "not a snapshot: save writes FROM the experiment folder TO the snapshot")
     dst.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(src / f"{HISTORY}.lock"), timeout=600):
         copy_atomic(src / HISTORY, dst / HISTORY)

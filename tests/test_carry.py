@@ -110,3 +110,13 @@ def test_refuses_a_folder_without_history(carry, tmp_path, capsys):
         carry.main(["save", str(tmp_path / "empty"), str(tmp_path / "snap")])
     with pytest.raises(SystemExit, match="no histories.h5"):
         carry.main(["restore", str(tmp_path / "empty"), str(tmp_path / "exp")])
+
+
+def test_save_refuses_to_write_into_a_live_experiment_folder(carry, tmp_path):
+    exp = _experiment(tmp_path)
+    snap = tmp_path / "snap"
+    carry.main(["save", str(exp), str(snap)])
+    before = sorted(p.name for p in (exp / "original-32-s0").iterdir())
+    with pytest.raises(SystemExit, match="not a snapshot"):
+        carry.main(["save", str(snap), str(exp)])               # the arguments swapped
+    assert sorted(p.name for p in (exp / "original-32-s0").iterdir()) == before
