@@ -17,6 +17,10 @@ missing there (it never overwrites a run that exists), and the history file only
 folder has none. Then the same `resnet-graph experiment` command (or bench/finals.sh)
 resumes each unfinished run from its carried checkpoint.
 
+Checkpoints are not committed (.gitignore), so a snapshot in a fresh clone holds only the
+history, configs and evaluations: its unfinished runs start again. The checkpoints carry
+only where the snapshot folder itself survives (the same machine handed back).
+
 A run folder's checkpoint state file stores relative paths (the Saver is made with
 ``save_relative_paths=True``), so a carried folder works wherever it is put.
 """
@@ -145,6 +149,11 @@ def restore(src: pathlib.Path, dst: pathlib.Path) -> int:
         out = dst / run.name
         if out.exists():
             print(f"{out} exists: kept as it is")
+            continue
+        if latest_prefix(run) is None:
+            # Checkpoints stay out of git (.gitignore): a snapshot from a clone carries the
+            # history only, and `experiment` trains such a run again from its start.
+            print(f"{run.name}: no checkpoint in the snapshot, not restored (trained again)")
             continue
         tmp = dst / f".{run.name}.carry-tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,8 @@
 #
 # Across machines: CARRY names a snapshot made by `bench/carry.py save` (kept in
 # docs/runs/finals/). When set, the snapshot is restored into $FINALS_DIR first (only the run
-# folders that are missing there), so the runs resume from the carried checkpoints. Save
+# folders that are missing there), so the runs resume from the carried checkpoints; git
+# carries no checkpoints, so from a fresh clone an unfinished run starts again. Save
 # one before a session ends:
 #   .venv/bin/python bench/carry.py save "$FINALS_DIR" docs/runs/finals
 #

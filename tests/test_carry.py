@@ -120,3 +120,17 @@ def test_save_refuses_to_write_into_a_live_experiment_folder(carry, tmp_path):
     with pytest.raises(SystemExit, match="not a snapshot"):
         carry.main(["save", str(snap), str(exp)])               # the arguments swapped
     assert sorted(p.name for p in (exp / "original-32-s0").iterdir()) == before
+
+
+def test_a_snapshot_without_checkpoints_restores_the_history_only(carry, tmp_path):
+    # What a fresh clone holds: checkpoints are not committed (.gitignore).
+    exp = _experiment(tmp_path)
+    snap = tmp_path / "snap"
+    carry.main(["save", str(exp), str(snap)])
+    for path in snap.rglob("*"):
+        if path.is_file() and (path.name == "checkpoint" or path.name.startswith("model.ckpt-")):
+            path.unlink()
+    fresh = tmp_path / "fresh"
+    carry.main(["restore", str(snap), str(fresh)])
+    assert (fresh / "histories.h5").is_file()
+    assert not (fresh / "original-32-s0").exists()     # `experiment` trains it again
