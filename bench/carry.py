@@ -32,7 +32,7 @@ import re
 import shutil
 import sys
 
-import filelock
+from resnet_graph import fsutil, history
 
 HISTORY = "histories.h5"
 TOP_FILES = (HISTORY, "report.md", "report.json")
@@ -60,18 +60,13 @@ def checkpoint_files(folder: pathlib.Path, prefix: str):
 
 def copy_atomic(src: pathlib.Path, dst: pathlib.Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.carry-tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    with fsutil.replacing(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def write_atomic(dst: pathlib.Path, text: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.carry-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dst)
+    fsutil.atomic_write_text(dst, text)
 
 
 def snapshot_checkpoint(src: pathlib.Path, dst: pathlib.Path) -> list:
@@ -104,7 +99,7 @@ def save(src: pathlib.Path, dst: pathlib.Path) -> int:
         raise SystemExit(f"error: {dst} is an experiment folder that trains (it has {live[0]}), "
                          "not a snapshot: save writes FROM the experiment folder TO the snapshot")
     dst.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(src / f"{HISTORY}.lock"), timeout=600):
+    with fsutil.exclusive_lock(history.lock_path(src / HISTORY), timeout=600):
         copy_atomic(src / HISTORY, dst / HISTORY)
     top = {HISTORY}
     for name in TOP_FILES[1:]:
