@@ -5,7 +5,7 @@ enough to commit (docs/runs/<name>/), and back.
     .venv/bin/python bench/carry.py restore docs/runs/finals /work/finals
 
 `save` copies, from an experiment folder: ``histories.h5`` (under its lock, so never half a
-rewrite), ``report.md``/``report.json``, and per run folder ``config.json``, the latest
+rewrite), ``report.md``/``report.json`` and the report's figures (``*.png``), and per run folder ``config.json``, the latest
 checkpoint (its ``.index`` and ``.data-*`` files, with a ``checkpoint`` state file naming only
 it), ``best/`` (its checkpoint and ``best.json``) and the ``eval-*.json`` files of
 bench/finals.sh. Left out: older checkpoints, TensorBoard event files, locks and logs. Files
@@ -102,10 +102,10 @@ def save(src: pathlib.Path, dst: pathlib.Path) -> int:
     with fsutil.exclusive_lock(history.lock_path(src / HISTORY), timeout=600):
         copy_atomic(src / HISTORY, dst / HISTORY)
     top = {HISTORY}
-    for name in TOP_FILES[1:]:
-        if (src / name).is_file():
-            copy_atomic(src / name, dst / name)
-            top.add(name)
+    for path in [*(src / name for name in TOP_FILES[1:]), *sorted(src.glob("*.png"))]:
+        if path.is_file():
+            copy_atomic(path, dst / path.name)
+            top.add(path.name)
     runs = 0
     for run in sorted(p for p in src.iterdir() if p.is_dir() and (p / "config.json").is_file()):
         out = dst / run.name

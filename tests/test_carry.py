@@ -54,6 +54,9 @@ def _experiment(tmp_path: pathlib.Path) -> pathlib.Path:
     _save_checkpoints(run, [10, 20, 30, 40])
     _save_checkpoints(run / "best", [20], value=0.5)
     (run / "best" / "best.json").write_text(json.dumps({"epoch": 2}))
+    (exp / "report.md").write_text("Figures: [loss.png](loss.png)")
+    (exp / "loss.png").write_bytes(b"\x89PNG")
+    (exp / "run.log").write_text("a log, not carried")
     return exp
 
 
@@ -72,6 +75,8 @@ def test_save_keeps_the_latest_checkpoint_only_and_restores_elsewhere(carry, tmp
     assert _restored_value(run / "best") == 20.5
     with h5py.File(snap / "histories.h5", "r") as f:
         assert list(f["original-32-s0/epoch"][()]) == [1, 2, 3, 4]
+    # The report and the figures it links to travel together; logs stay behind.
+    assert sorted(p.name for p in snap.iterdir() if p.is_file()) == ["histories.h5", "loss.png", "report.md"]
 
     # The machine is gone: restore into a new folder; the checkpoint resolves there.
     fresh = tmp_path / "elsewhere" / "exp"
