@@ -5,10 +5,10 @@ enough to commit (docs/runs/<name>/), and back.
     .venv/bin/python bench/carry.py restore docs/runs/finals /work/finals
 
 `save` copies, from an experiment folder: ``histories.h5`` (under its lock, so never half a
-rewrite), ``report.md``/``report.json`` and the report's figures (``*.png``), and per run folder ``config.json``, the latest
-checkpoint (its ``.index`` and ``.data-*`` files, with a ``checkpoint`` state file naming only
-it), ``best/`` (its checkpoint and ``best.json``) and the ``eval-*.json`` files of
-bench/finals.sh. Left out: older checkpoints, TensorBoard event files, locks and logs. Files
+rewrite), ``report.md``/``report.json`` and the report's figures (``*.png``), and per run
+folder ``config.json``, the latest checkpoint (its ``.index`` and ``.data-*`` files, with a
+``checkpoint`` state file naming only it), ``best/`` (its checkpoint and ``best.json``) and
+the ``eval-*.json`` files of bench/finals.sh. Left out: older checkpoints, TensorBoard event files, locks and logs. Files
 already in DEST that the source no longer has (an older checkpoint) are removed, so DEST is
 a snapshot. Every file is written to a temporary name and renamed.
 
