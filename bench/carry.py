@@ -8,9 +8,10 @@ enough to commit (docs/runs/<name>/), and back.
 rewrite), ``report.md``/``report.json`` and the report's figures (``*.png``), and per run
 folder ``config.json``, the latest checkpoint (its ``.index`` and ``.data-*`` files, with a
 ``checkpoint`` state file naming only it), ``best/`` (its checkpoint and ``best.json``) and
-the ``eval-*.json`` files of bench/finals.sh. Left out: older checkpoints, TensorBoard event files, locks and logs. Files
-already in DEST that the source no longer has (an older checkpoint) are removed, so DEST is
-a snapshot. Every file is written to a temporary name and renamed.
+the ``eval-*.json`` files of bench/finals.sh. Left out: older checkpoints, TensorBoard event
+files, locks and logs. Files already in DEST that the source no longer has (an older
+checkpoint) are removed, so DEST is a snapshot. Every file is written to a temporary name
+and renamed.
 
 `restore` copies such a snapshot into an experiment folder, only into run folders that are
 missing there (it never overwrites a run that exists), and the history file only when the
