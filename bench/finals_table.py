@@ -5,7 +5,10 @@
 Per run (from ``histories.h5`` and the ``<run>/eval-<variant>.json`` files): best and final
 validation accuracy, test accuracy of the final and of the best-validation checkpoint, each
 single view and with ``--tta flip``, and the wall-clock of the epochs; then per model the
-mean and spread (max - min) over the seeds that have each number. With ``--files`` ROOT
+mean and spread (max - min) over the seeds that have each number; then, for every run with a
+``original`` run of the same depth and seed, the paired difference (run - original) of each
+accuracy column; then the issue's targets against the ``original`` means (``--target-single``,
+``--target-flip``). With ``--files`` ROOT
 holds ``finals-<model>.h5`` history copies (as kept in docs/runs/) and no eval JSONs, so
 only the history columns are filled. Only numbers found in the files are printed.
 """
@@ -49,6 +52,30 @@ def read_evals(run_dir: pathlib.Path, row: dict) -> None:
             row[column] = 100 * float(json.loads(path.read_text())["accuracy"])
 
 
+def split_name(name: str):
+    """``preact-32-s1`` -> (``preact``, ``32``, ``1``); None for names of another shape."""
+    stem, _, seed = name.rpartition("-s")
+    model, _, depth = stem.rpartition("-")
+    if not (model and depth.isdigit() and seed.isdigit()):
+        return None
+    return model, depth, seed
+
+
+def paired_differences(runs: dict) -> dict:
+    """run name -> {column: run - original of the same depth and seed} for the accuracy columns
+    both runs have; runs without such an ``original`` (and ``original`` itself) are left out."""
+    out = {}
+    for name, row in runs.items():
+        parts = split_name(name)
+        if parts is None or parts[0] == "original":
+            continue
+        base = runs.get(f"original-{parts[1]}-s{parts[2]}")
+        if base is None:
+            continue
+        out[name] = {c: row[c] - base[c] for c in COLUMNS[:-1] if c in row and c in base}
+    return out
+
+
 def fmt(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -58,6 +85,10 @@ def main(argv=None):
     p.add_argument("root", nargs="?", default="/work/finals")
     p.add_argument("--files", action="store_true",
                    help="ROOT holds finals-*.h5 history copies instead of an experiment folder")
+    p.add_argument("--target-single", type=float, default=89.0,
+                   help="target for the mean test accuracy of original, single view (percent)")
+    p.add_argument("--target-flip", type=float, default=90.0,
+                   help="the same with --tta flip (percent)")
     args = p.parse_args(argv)
     root = pathlib.Path(args.root)
     paths = sorted(root.glob("finals-*.h5")) if args.files else [root / "histories.h5"]
@@ -91,6 +122,28 @@ def main(argv=None):
                          f"{statistics.mean(values):.2f} ({max(values) - min(values):.2f}, "
                          f"{len(values)})")
         print(f"| {model} | " + " | ".join(cells) + " |")
+
+    diffs = paired_differences(runs)
+    if diffs:
+        print()
+        print("| run - original, same seed | " + " | ".join(COLUMNS[:-1]) + " |")
+        print("| --- |" + " --- |" * (len(COLUMNS) - 1))
+        for name, diff in sorted(diffs.items()):
+            cells = ["-" if c not in diff else f"{diff[c]:+.2f}" for c in COLUMNS[:-1]]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+
+    print()
+    for model, rows in sorted(by_model.items()):
+        if not model.startswith("original-"):
+            continue
+        for column, target in (("test final", args.target_single),
+                               ("test final, flip", args.target_flip)):
+            values = [r[column] for r in rows if column in r]
+            if values:
+                mean = statistics.mean(values)
+                verdict = "met" if mean >= target else f"missed by {target - mean:.2f}"
+                print(f"{model} {column}: mean {mean:.2f} over {len(values)} seed(s), "
+                      f"target {target:.1f}: {verdict}")
 
 
 if __name__ == "__main__":
