@@ -41,10 +41,12 @@ def read_config(run_dir) -> dict:
                               "'resnet-graph train'")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
         TrainConfig.from_dict(data)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid run config ({e})") from None
-    if not isinstance(data, dict) or "normalization" not in data:
+    if "normalization" not in data:
         raise CheckpointError(f"{path} lacks the normalisation statistics; retrain the run")
     return data
 

@@ -386,7 +386,7 @@ class DistributedTrainer(Trainer):
         finally:
             self.watchdog.disarm()
 
-    def _stop(self, epoch: int, steps_done: int, progress) -> None:
+    def _stop(self, epoch: int, steps_done: int, progress=None) -> None:
         if self.cluster.is_chief:
             try:
                 super()._stop(epoch, steps_done, progress)

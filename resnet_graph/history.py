@@ -46,6 +46,10 @@ from resnet_graph.errors import HistoryError
 
 FIELDS = ("epoch", "train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "seconds")
 ACCURACY_FIELDS = ("train_acc", "valid_acc")
+# Run attributes of the final evaluation: they describe the end of the run, so a run
+# that loses epochs or gains epochs to train loses them.
+FINAL_ATTRS = ("test_loss", "test_acc", "best_epoch", "best_valid_acc", "best_test_loss",
+               "best_test_acc")
 
 FORMAT_NAME = "resnet-graph-history"
 FORMAT_VERSION = 1
@@ -223,9 +227,9 @@ def truncate(path, run, last_epoch: int) -> None:
     """Drop the rows of run ``run`` whose epoch is greater than ``last_epoch``.
 
     Used when resuming from a checkpoint older than the history. When rows
-    are dropped, ``test_loss`` and ``test_acc`` are removed too, because they
-    described the dropped end of the run. Nothing changes when no row is
-    newer than ``last_epoch``.
+    are dropped, the final evaluation's attributes (``FINAL_ATTRS``: ``test_acc``,
+    ``best_test_acc``, ...) are removed too, because they described the dropped
+    end of the run. Nothing changes when no row is newer than ``last_epoch``.
     """
     name = validate_run_name(run)
     if isinstance(last_epoch, bool) or not isinstance(last_epoch, numbers.Integral):
@@ -243,7 +247,7 @@ def truncate(path, run, last_epoch: int) -> None:
             return _UNCHANGED
         for key, column in current.columns.items():
             _write_column(group, key, column[keep])
-        for key in ("test_loss", "test_acc"):
+        for key in FINAL_ATTRS:
             if key in group.attrs:
                 del group.attrs[key]
         return None
@@ -306,6 +310,19 @@ def run_names(path, *, guard: bool = True) -> list[str]:
     with _open_for_reading(path, guard) as f:
         try:
             return _group_names(f)
+        except _H5_ERRORS as exc:
+            raise _damaged(path, exc) from exc
+
+
+def check_writable(path) -> None:
+    """HistoryError unless ``path`` is absent or a history this version can add runs to
+    (not another program's HDF5 file, not a newer format): to ask before a run starts."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with _open_for_reading(path, guard=False) as f:
+        try:
+            _check_is_history(f, path)
         except _H5_ERRORS as exc:
             raise _damaged(path, exc) from exc
 
@@ -569,6 +586,7 @@ def _write_copy(path: Path, tmp: Path, exists: bool, mutate) -> None:
         if exists:
             with _open_for_reading(path, guard=False) as src:
                 try:
+                    _check_is_history(src, path)
                     _copy_contents(src, dst)
                 except _H5_ERRORS as exc:
                     reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -582,6 +600,32 @@ def _write_copy(path: Path, tmp: Path, exists: bool, mutate) -> None:
         if mutate(dst) is _UNCHANGED:
             raise _Unchanged
         dst.flush()
+
+
+def _check_is_history(f: h5py.File, path: Path) -> None:
+    """Refuse to write runs into an HDF5 file that is not a history (another program's
+    data, or a newer format): the copy-and-replace would change a file nobody asked to."""
+    fmt = None
+    if "format" in f.attrs:
+        _check_attr(f, "format", str(path))
+        fmt = _python_value(f.attrs["format"])
+    if fmt is None:
+        # The first versions wrote no format attribute: only run groups at the top.
+        for key in f.keys():
+            link = f.get(key, getlink=True)
+            if not (isinstance(link, h5py.HardLink) and isinstance(f[key], h5py.Group)
+                    and "epoch" in f[key]):
+                raise HistoryError(f"{path} is an HDF5 file but not a resnet-graph history "
+                                   f"({key!r} is not a run); choose another history file")
+    elif fmt != FORMAT_NAME:
+        raise HistoryError(f"{path} is not a resnet-graph history (its format is {fmt!r}); "
+                           "choose another history file")
+    elif "format_version" in f.attrs:
+        _check_attr(f, "format_version", str(path))
+        version = _python_value(f.attrs["format_version"])
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise HistoryError(f"{path} is history format version {version}, newer than this "
+                               f"resnet-graph writes ({FORMAT_VERSION}); upgrade resnet-graph")
 
 
 class _Unchanged(Exception):

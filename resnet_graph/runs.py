@@ -66,6 +66,8 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
             history_path.exists() and history.has_run(history_path, name, guard=False)):
         raise UserError(f"run {name!r} already exists (in {run_dir} or {history_path}); "
                         "pass --resume to continue it or choose another --name")
+    if chief:
+        history.check_writable(history_path)
     if epochs_override:
         cfg = cfg.replace(epochs=epochs_override)
     if devices is None:

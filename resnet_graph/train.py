@@ -119,6 +119,10 @@ class Trainer:
             self.before_epoch(epoch)
             row = self.run_epoch(epoch)
             self.after_epoch(epoch, row)
+            if self.stop_signal is not None:
+                # Asked during the epoch's last step or its validation: the epoch is
+                # complete (row and checkpoint), so the run stops at its boundary.
+                self._stop(epoch, self.steps_per_epoch)
         self.after_train()
 
     def request_stop(self, signal_number: int = signal.SIGINT) -> None:
@@ -203,8 +207,17 @@ class Trainer:
             checkpoint.adopt_existing(self.saver, self.run_dir)
             checkpoint.adopt_existing(self.best_saver, self.run_dir / checkpoint.BEST_DIR)
             done = self.restore_position(prefix)
+            if done > cfg.epochs:
+                raise UserError(f"run {cfg.name!r} has done {done} epochs; --epochs {cfg.epochs} "
+                                f"cannot shorten it: pass --epochs {done} or more")
             history.truncate(self.history_path, cfg.name, int(done))
-            history.set_attrs(self.history_path, cfg.name, status=None, failure=None)
+            # The options as resumed (--epochs may have grown): config.json and the history
+            # say what a later --resume or eval gets, and a run with epochs to go has no
+            # test results yet.
+            self._write_config()
+            unfinished = {key: None for key in history.FINAL_ATTRS} if done < cfg.epochs else {}
+            history.set_attrs(self.history_path, cfg.name, status=None, failure=None,
+                              config=self._config_dict(), **unfinished)
             self._best_from_history()
             where = f" and step {self.start_step} of epoch {done + 1}" if self.start_step else ""
             self.log(f"resuming {cfg.name} after epoch {done}{where} from {prefix}")
@@ -272,7 +285,7 @@ class Trainer:
                 self.summaries.step((epoch - 1) * self.steps_per_epoch + step + 1, loss)
             hits += acc
             self.after_step(epoch, step)
-            if self.stop_signal is not None:
+            if self.stop_signal is not None and step + 1 < self.steps_per_epoch:
                 bar.close()
                 self._stop(epoch, step + 1, (loss_sum, hits, time.perf_counter() - start))
             elapsed = time.perf_counter() - start - before
@@ -299,11 +312,17 @@ class Trainer:
     def after_step(self, epoch: int, step: int) -> None:
         """Called after every training step (0-based ``step`` of ``epoch``); a hook."""
 
-    def _stop(self, epoch: int, steps_done: int, progress) -> None:
+    def _stop(self, epoch: int, steps_done: int, progress=None) -> None:
+        """Raise TrainingInterrupted after step ``steps_done`` of ``epoch``, with a checkpoint
+        of the epoch's running sums ``progress``; None: at the end of the epoch, whose own
+        checkpoint is the one to resume from."""
         t = self.t
-        self.sess.run(t.set_epoch_progress, {t.progress_placeholder: list(progress)})
-        prefix = checkpoint.save(self.sess, self.saver, self.run_dir,
-                                 int(self.sess.run(t.steps_taken)))
+        if progress is None:
+            prefix = checkpoint.require_latest(self.run_dir)
+        else:
+            self.sess.run(t.set_epoch_progress, {t.progress_placeholder: list(progress)})
+            prefix = checkpoint.save(self.sess, self.saver, self.run_dir,
+                                     int(self.sess.run(t.steps_taken)))
         name = signal.Signals(self.stop_signal).name
         raise TrainingInterrupted(
             f"{name}: stopped after step {steps_done} of epoch {epoch}; checkpoint {prefix} "

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import h5py
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from synthetic import write_synthetic_cifar
@@ -197,6 +199,27 @@ def test_config_edited_to_another_depth_is_refused(trained, tmp_path):
     assert_one_line_error(invoke("eval", "--ckpt", run_dir, "--data-dir", folder),
                           "does not fit this model")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_config_json_that_is_not_an_object_is_refused(trained, tmp_path):
+    root, folder = trained
+    run_dir = tmp_path / "copy"
+    shutil.copytree(root / "out" / "preact-8", run_dir)
+    (run_dir / "config.json").write_text("[1, 2]")
+    assert_one_line_error(invoke("eval", "--ckpt", run_dir, "--data-dir", folder),
+                          "not a valid run config (it holds a JSON list")
+
+
+def test_train_refuses_a_history_that_belongs_to_another_program(tiny_data_dir, tmp_path):
+    foreign = tmp_path / "weights.h5"
+    with h5py.File(foreign, "w") as f:
+        f.create_dataset("kernel", data=np.ones((3, 3)))
+    before = foreign.read_bytes()
+    result = invoke("train", "original", *TINY, "--data-dir", tiny_data_dir,
+                    "--out", tmp_path / "o", "--history", foreign)
+    assert_one_line_error(result, "not a resnet-graph history")
+    assert foreign.read_bytes() == before
+    assert not (tmp_path / "o").exists()
 
 
 def test_valid_size_larger_than_the_training_set(tiny_data_dir, tmp_path):

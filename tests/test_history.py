@@ -245,7 +245,8 @@ def test_append_to_missing_run_or_file(filled, tmp_path):
 
 
 def test_truncate(filled):
-    history.set_attrs(filled, "base", test_loss=0.5, test_acc=0.8)
+    history.set_attrs(filled, "base", test_loss=0.5, test_acc=0.8, best_epoch=3,
+                      best_test_acc=0.79)
     history.append_epoch(filled, "base", make_row(4, top5=0.9))
     before = filled.read_bytes()
     history.truncate(filled, "base", 10)  # nothing newer: file untouched
@@ -254,7 +255,7 @@ def test_truncate(filled):
     run = history.read_run(filled, "base")
     np.testing.assert_array_equal(run.columns["epoch"], [1, 2])
     assert all(len(c) == 2 for c in run.columns.values())
-    assert "test_acc" not in run.attrs and "test_loss" not in run.attrs
+    assert not set(history.FINAL_ATTRS) & set(run.attrs)
     history.append_epoch(filled, "base", make_row(3))
     assert history.read_run(filled, "base").epochs == 3
     history.truncate(filled, "base", 0)
@@ -366,6 +367,33 @@ def test_foreign_extras_survive_rewrites(filled):
         assert f.attrs["owner"] == "someone"
         assert f["base"]["epoch"].attrs["unit"] == "epoch"
         assert f["notes"].attrs["text"] == "kept"
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda f: f.create_dataset("images", data=np.zeros((2, 3))), "'images' is not a run"),
+    (lambda f: f.create_group("weights").create_dataset("w", data=[1.0]), "'weights' is not a run"),
+    (lambda f: f.attrs.__setitem__("format", "keras"), "its format is 'keras'"),
+    (lambda f: f.attrs.update({"format": history.FORMAT_NAME,
+                               "format_version": history.FORMAT_VERSION + 1}),
+     "newer than this resnet-graph writes"),
+])
+def test_runs_are_not_written_into_a_file_that_is_not_a_history(hfile, make, fragment):
+    with h5py.File(hfile, "w") as f:
+        make(f)
+    before = hfile.read_bytes()
+    with pytest.raises(HistoryError, match=fragment):
+        history.create_run(hfile, "r", config={})
+    assert hfile.read_bytes() == before and temp_files(hfile.parent) == []
+
+
+def test_a_history_without_format_attributes_is_still_one(filled):
+    # As the first versions wrote them: run groups only, no format attributes.
+    with h5py.File(filled, "r+") as f:
+        del f.attrs["format"], f.attrs["format_version"]
+    history.create_run(filled, "second", config={})
+    with h5py.File(filled, "r") as f:
+        assert f.attrs["format"] == history.FORMAT_NAME
+    assert history.run_names(filled) == ["base", "second"]
 
 
 def test_empty_file_is_not_a_history(tmp_path):

@@ -11,7 +11,8 @@ import pytest
 
 from resnet_graph import checkpoint, data, history
 from resnet_graph.config import TrainConfig
-from resnet_graph.errors import TrainingInterrupted
+from resnet_graph.errors import TrainingInterrupted, UserError
+from resnet_graph.runs import train_run
 from resnet_graph.train import Trainer
 
 
@@ -54,6 +55,53 @@ def test_a_stop_mid_epoch_resumes_at_the_same_step(tiny_data_dir, tmp_path):
     for field in ("train_loss", "train_acc", "valid_loss", "valid_acc"):
         np.testing.assert_allclose(b.columns[field], a.columns[field], rtol=2e-3, atol=2e-3)
     assert b.attrs["test_acc"] == pytest.approx(a.attrs["test_acc"], abs=0.02)
+
+
+def test_a_stop_in_the_last_step_of_an_epoch_finishes_the_epoch_first(tiny_data_dir, tmp_path):
+    # 250 training images in batches of 50: 5 steps per epoch, step index 4 is the last.
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    hist = tmp_path / "h.h5"
+    quiet = dict(log=lambda s: None, progress=False)
+    cfg = tiny_config(name="edge")
+    with pytest.raises(TrainingInterrupted, match="step 5 of epoch 2.*model.ckpt-10.*--resume"):
+        StopAt(cfg, ds, tmp_path / "edge", hist, stop_at=(2, 4), **quiet).run()
+    # Epoch 2 is complete: its row (validated, with the rate of its last step) and the
+    # epoch-boundary checkpoint, from which the resumed run starts epoch 3.
+    run = history.read_run(hist, "edge")
+    assert list(run.columns["epoch"]) == [1, 2] and np.isfinite(run.columns["lr"]).all()
+    assert np.isfinite(run.columns["valid_acc"]).all()
+    assert checkpoint.latest(tmp_path / "edge").endswith("model.ckpt-10")
+    Trainer(cfg, ds, tmp_path / "edge", hist, resume=True, **quiet).run()
+    run = history.read_run(hist, "edge")
+    assert list(run.columns["epoch"]) == [1, 2, 3] and np.isfinite(run.columns["lr"]).all()
+    assert "test_acc" in run.attrs
+
+
+def test_a_lengthened_run_keeps_its_new_length_across_a_stop(tiny_data_dir, tmp_path):
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    hist = tmp_path / "h.h5"
+    quiet = dict(log=lambda s: None, progress=False)
+    Trainer(tiny_config(name="ext", epochs=1), ds, tmp_path / "ext", hist, **quiet).run()
+    assert "best_test_acc" in history.read_run(hist, "ext").attrs
+    # As `train --resume --epochs 3`, stopped in epoch 2.
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        StopAt(tiny_config(name="ext", epochs=3), ds, tmp_path / "ext", hist, resume=True,
+               stop_at=(2, 1), **quiet).run()
+    saved = checkpoint.read_config(tmp_path / "ext")
+    run = history.read_run(hist, "ext")
+    assert saved["epochs"] == 3 and run.attrs["config"]["epochs"] == 3
+    # Not finished any more: the first end's test results are gone with it.
+    assert not set(history.FINAL_ATTRS) & set(run.attrs)
+    # The command the stop printed (--resume without --epochs) trains to epoch 3.
+    train_run(tiny_config(name="ext", epochs=1), data_dir=tiny_data_dir, out=tmp_path,
+              history_path=hist, resume=True, quiet=True)
+    run = history.read_run(hist, "ext")
+    assert list(run.columns["epoch"]) == [1, 2, 3] and "test_acc" in run.attrs
+    before = hist.read_bytes()
+    with pytest.raises(UserError, match="has done 3 epochs.*--epochs 3 or more"):
+        train_run(tiny_config(name="ext"), data_dir=tiny_data_dir, out=tmp_path,
+                  history_path=hist, resume=True, epochs_override=2, quiet=True)
+    assert hist.read_bytes() == before
 
 
 def test_sigint_to_the_cli_checkpoints_and_says_how_to_resume(tiny_data_dir, tmp_path):
