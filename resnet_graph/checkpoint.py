@@ -15,7 +15,7 @@ from typing import Optional
 import tensorflow as tf
 
 from .config import CONFIG_FILE, TrainConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .fsutil import LockBusy, atomic_write_text, exclusive_lock, temp_pattern
 
 tf1 = tf.compat.v1
@@ -114,7 +114,7 @@ def save(sess, saver, run_dir, step: int) -> str:
             return saver.save(sess, str(pathlib.Path(run_dir) / CHECKPOINT_PREFIX),
                               global_step=step, write_meta_graph=False)
     except (tf.errors.OpError, OSError) as e:
-        raise CheckpointError(f"could not write a checkpoint in {run_dir} ({_first_line(e)}); "
+        raise CheckpointError(f"could not write a checkpoint in {run_dir} ({first_line(e)}); "
                               "the previous checkpoint is intact: free space and --resume") from None
 
 
@@ -132,13 +132,8 @@ def restore(sess, saver, prefix: str) -> None:
         with sess.graph.as_default():
             saver.restore(sess, prefix)
     except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {prefix} does not fit this model ({_first_line(e)}); "
+        raise CheckpointError(f"checkpoint {prefix} does not fit this model ({first_line(e)}); "
                               "was config.json edited?") from None
-
-
-def _first_line(error) -> str:
-    text = getattr(error, "message", None) or str(error)
-    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 @contextlib.contextmanager

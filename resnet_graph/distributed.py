@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Tuple
 
 import tensorflow as tf
 
-from .errors import TrainingInterrupted, UserError
+from .errors import TrainingInterrupted, UserError, first_line
 from .replicate import build_replicated_graph
 from .train import Trainer, TrainingError
 
@@ -312,7 +312,7 @@ class DistributedTrainer(Trainer):
             self.server = tf1.train.Server(c.spec(), job_name=c.task_type,
                                            task_index=c.task_index, config=config, start=True)
         except (tf.errors.OpError, ValueError) as e:
-            raise UserError(f"{c.name} cannot serve on {address} ({_first_line(e)}); is the port "
+            raise UserError(f"{c.name} cannot serve on {address} ({first_line(e)}); is the port "
                             "free and the address this machine's?") from None
         return tf1.Session(self.server.target, graph=graph, config=config)
 
@@ -426,9 +426,3 @@ class DistributedTrainer(Trainer):
             super().after_train()
         else:
             time.sleep(LINGER_SECONDS)
-
-
-def _first_line(error) -> str:
-    text = getattr(error, "message", None) or str(error)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

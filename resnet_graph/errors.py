@@ -1,6 +1,14 @@
 """Errors that the command line reports as one line, without a traceback."""
 
 
+def first_line(error) -> str:
+    """The first non-blank line of an exception's message (TensorFlow's run to many), or
+    its type name: the part of a library error that fits a one-line ``Error:``."""
+    text = getattr(error, "message", None) or str(error)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 class UserError(Exception):
     """A failure the user can fix: bad data, a missing checkpoint, a wrong file.
 

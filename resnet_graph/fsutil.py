@@ -1,12 +1,14 @@
 """Files that other processes may read or write at any moment.
 
-Two tools, each written once:
+The tools, each written once:
 
 * :func:`replacing` and :func:`atomic_write_text`: a new file is written as a
   temporary file beside the target (``.<name>.<16 hex digits><suffix>``),
   flushed to disk, renamed over the target with ``os.replace`` and the folder
   is synced; a reader sees the old file or the new one, never half of one,
   and a kill at any moment leaves at most a temporary file behind.
+* :func:`replacing_folder`: the same for a folder of files written by a library
+  (a SavedModel): written beside the target, renamed into place when complete.
 * :func:`exclusive_lock`: ``flock(LOCK_EX)`` on a lock file (the ``filelock``
   library), released when the block ends or the process dies. The lock file
   stays in place, so every waiter locks the same inode.
@@ -22,6 +24,8 @@ import errno
 import os
 import re
 import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -117,6 +121,22 @@ def replacing(path, *, suffix: str = ".tmp", mode: int | None = None) -> Iterato
         remove_quietly(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def replacing_folder(path) -> Iterator[Path]:
+    """Yield a path (not yet created) beside ``path`` for a new folder; when the block
+    ends normally it is renamed to ``path``, which must be absent or an empty folder.
+    If the block raises, what it wrote is removed and ``path`` is left as it was; a
+    kill leaves at most a hidden ``.<name>.*.tmp`` folder beside it."""
+    path = Path(path)
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield holder / path.name
+        os.replace(holder / path.name, path)   # rename(2) replaces an empty folder
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -17,8 +17,9 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from . import fsutil
 from .data import CLASS_NAMES
-from .errors import UserError
+from .errors import UserError, first_line
 from .evaluate import open_run
 
 tf1 = tf.compat.v1
@@ -119,8 +120,6 @@ def export(run_dir, out, *, best: bool = False) -> pathlib.Path:
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty folder; choose a new --out")
-    if out.exists():
-        out.rmdir()   # the builder wants to create it
 
     def float_front_end():
         pixels = tf1.placeholder(tf.float32, [None, SIZE, SIZE, 3], name="float_images")
@@ -132,14 +131,21 @@ def export(run_dir, out, *, best: bool = False) -> pathlib.Path:
         outputs = {"logits": tensors.logits, "probabilities": tensors.probabilities,
                    "classes": tensors.predictions}
         sig = tf1.saved_model.signature_def_utils.predict_signature_def
-        builder = tf1.saved_model.Builder(str(out))
         try:
-            builder.add_meta_graph_and_variables(
-                sess, [tf1.saved_model.tag_constants.SERVING],
-                signature_def_map={"serving_default": sig({"images": tensors.images}, outputs),
-                                   "serving_float": sig({"images": front}, outputs)},
-                strip_default_attrs=True)
-            builder.save()
+            # Written beside --out and renamed into place when complete: a failure or a
+            # kill never leaves a half-written SavedModel where a server would load it.
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with fsutil.replacing_folder(out) as tmp:
+                builder = tf1.saved_model.Builder(str(tmp))
+                builder.add_meta_graph_and_variables(
+                    sess, [tf1.saved_model.tag_constants.SERVING],
+                    signature_def_map={"serving_default": sig({"images": tensors.images},
+                                                              outputs),
+                                       "serving_float": sig({"images": front}, outputs)},
+                    strip_default_attrs=True)
+                builder.save()
         except (OSError, tf.errors.OpError) as e:
-            raise UserError(f"could not write the SavedModel to {out} ({e})") from None
+            raise UserError(f"could not write the SavedModel to {out} ({first_line(e)}); "
+                            "nothing was written there: free space or choose another --out"
+                            ) from None
     return out

@@ -169,6 +169,28 @@ def test_export_refuses_a_folder_with_files(run, tmp_path):
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
 
+def test_export_failures_leave_the_out_folder_as_it_was(run, tmp_path, monkeypatch):
+    _, run_dir, _ = run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(invoke("export", "--ckpt", tmp_path / "no-run", "--out", empty),
+                          "no-run")
+    assert empty.is_dir()          # the bad --ckpt is found before --out is touched
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device\nsecond line of detail")
+
+    monkeypatch.setattr(tf.compat.v1.saved_model.Builder, "save", full_disk)
+    assert_one_line_error(invoke("export", "--ckpt", run_dir, "--out", empty),
+                          "No space left on device")
+    assert empty.is_dir() and not any(empty.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]   # no temp folder left
+    monkeypatch.undo()
+    assert invoke("export", "--ckpt", run_dir, "--out", empty).exit_code == 0
+    assert (empty / "saved_model.pb").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 def test_info_reports_the_auto_choices_and_the_data(run, tmp_path):
     _, _, folder = run
     facts = json.loads(invoke("info", "--data-dir", folder, "--json").stdout)
