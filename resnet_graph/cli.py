@@ -313,9 +313,13 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
     import sys
 
     from .experiment import plan, run_experiment
-    out = out or pathlib.Path(DEFAULT_OUT) / f"experiment-{recipe}-{depth}"
     base = _config(models[0], recipe, depth=depth, **options)
-    configs = plan(base, models, seeds)
+    # The recipe and depth as resolved: a --config file may name them.
+    out = out or pathlib.Path(DEFAULT_OUT) / f"experiment-{base.recipe}-{base.depth}"
+    try:
+        configs = plan(base, models, seeds)
+    except UserError as e:   # e.g. an option one of the models refuses: as for the first
+        raise click.UsageError(str(e)) from None
     log = (lambda s: None) if quiet or as_json else click.echo
     report = run_experiment(configs, out, data_dir=options["data_dir"], quiet=quiet or as_json,
                             log=log, command=" ".join(["resnet-graph"] + sys.argv[1:]))

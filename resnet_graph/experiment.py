@@ -69,8 +69,12 @@ def run_state(out: pathlib.Path, cfg: TrainConfig, *, guard: bool = True) -> str
 
 
 def check_same_setup(out: pathlib.Path, cfg: TrainConfig) -> None:
-    """Refuse to continue a run that was started with other options."""
-    saved = checkpoint.read_config(out / cfg.name)
+    """Refuse a run of ``out`` that was started with other options than ``cfg``: as its
+    config.json says or, where its run folder is gone, the config its history recorded."""
+    if (out / cfg.name / checkpoint.CONFIG_FILE).is_file():
+        saved = checkpoint.read_config(out / cfg.name)
+    else:
+        saved = history.read_run(out / HISTORY_FILE, cfg.name, guard=False).attrs["config"]
     wanted = cfg.to_dict()
     differ = sorted(k for k in wanted if k not in NOT_SETUP and k in saved
                     and saved[k] != wanted[k])
@@ -91,6 +95,9 @@ def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet:
         # A history that was there before (perhaps from elsewhere) is read once in a
         # forked child with a time limit; from then on it is the file these runs write.
         history.run_names(out / HISTORY_FILE, guard=True)
+    for cfg in configs:   # every run that is there, before any is trained
+        if run_state(out, cfg, guard=False) in ("finished", "failed", "partial"):
+            check_same_setup(out, cfg)
     for i, cfg in enumerate(configs, 1):
         state = run_state(out, cfg, guard=False)
         where = f"[{i}/{len(configs)}] {cfg.name}"
@@ -98,7 +105,6 @@ def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet:
             log(f"{where}: {state}, kept as it is")
             continue
         if state == "partial":
-            check_same_setup(out, cfg)
             log(f"{where}: continuing from its latest checkpoint")
         elif state == "lost":
             history.remove_run(out / HISTORY_FILE, cfg.name)

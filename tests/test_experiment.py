@@ -86,6 +86,18 @@ def test_other_options_in_the_same_folder_are_refused(finished, tiny_data_dir, t
     trained = recipe_values("fast")["lr"]        # the run in ``finished`` took the recipe's
     with pytest.raises(UserError, match=f"other options: lr {trained} .asked 0.5."):
         experiment.check_same_setup(out, configs[0])
+    # Through the command, for finished runs too, before any run is trained; and from
+    # the history's config where the run folder is gone.
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "plain-8-s1")
+    before = (copy / "histories.h5").read_bytes()
+    for models, seeds, first in (("original,cnn", "0,1", "original-8-s0"), ("cnn", "1", "plain-8-s1")):
+        result = invoke("experiment", "--recipe", "fast", "--models", models, "--seeds", seeds,
+                        *TINY, "--data-dir", tiny_data_dir, "--out", copy, "--lr", "0.5")
+        assert result.exit_code == 1, result.output
+        assert f"run {first} in {copy} was started with other options: lr" in result.stderr
+    assert (copy / "histories.h5").read_bytes() == before
 
 
 def test_an_interrupted_experiment_continues_where_it_stopped(tiny_data_dir, tmp_path,
