@@ -87,6 +87,10 @@ def _positive(ctx, param, value):
     return value
 
 
+class _ReaderGone(Exception):
+    """The reader of stdout went away (``resnet-graph ... | head``)."""
+
+
 class Group(click.Group):
     """Turns a :class:`UserError` into click's one-line ``Error: ...`` with exit code 1,
     and any other exception into the same unless ``RESNET_GRAPH_DEBUG`` is set."""
@@ -102,7 +106,8 @@ class Group(click.Group):
             click.echo(str(e), err=True)
             ctx.exit(128 + int(e.signal_number))
         except BrokenPipeError:
-            raise   # main() ends quietly: the reader of stdout has gone
+            # Past click's own handler of EPIPE (which exits 1): main() ends with 141.
+            raise _ReaderGone() from None
         except Exception as e:  # noqa: BLE001 - the contract: one line, no traceback
             if os.environ.get("RESNET_GRAPH_DEBUG"):
                 raise
@@ -550,8 +555,8 @@ def main(argv=None):
     """Console entry point."""
     try:
         cli.main(args=argv, prog_name="resnet-graph")
-    except BrokenPipeError:   # e.g. `resnet-graph eval ... | head`: the reader left
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    except (_ReaderGone, BrokenPipeError):   # e.g. `resnet-graph eval ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)   # no second error at exit's flush
         raise SystemExit(141) from None
 
 

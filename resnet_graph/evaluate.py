@@ -137,7 +137,7 @@ def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
     checkpoint.require_latest(run_dir, best=best)   # before loading the data
-    folder = fetch.find_data_dir(data_dir or saved.get("data_dir"), progress=False)
+    folder = fetch.find_data_dir(data_dir, saved_dir=saved.get("data_dir"), progress=False)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
     chosen = {"test": dataset.test, "valid": dataset.valid, "train": dataset.train}[split]

@@ -65,10 +65,14 @@ def find_data_dir(
     md5: str | None = OFFICIAL_MD5,
     cache_dir: str | os.PathLike | None = None,
     allow_insecure: bool = False,
+    saved_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Return the folder that holds the CIFAR-10 files, downloading them if needed.
 
-    Looks, in order, at ``data_dir``, then ``$RESNET_GRAPH_DATA_DIR``, then the
+    Looks, in order, at ``data_dir``, then ``$RESNET_GRAPH_DATA_DIR``, then
+    ``saved_dir`` (the folder a run recorded in its config.json: ``eval`` and
+    ``--resume`` read the run's own data when nothing else is named; skipped
+    when it no longer holds the files, as on another machine), then the
     user cache (``cache_dir`` or :func:`default_cache_dir`). A given folder may
     hold the files itself or be the parent of ``cifar-10-batches-bin/`` (or
     ``cifar-10-batches-py/``); the folder with the files is returned. A folder
@@ -84,6 +88,11 @@ def find_data_dir(
     env_dir = os.environ.get(ENV_DATA_DIR, "")
     if env_dir:
         return data.resolve_folder(Path(env_dir).expanduser(), f" (from ${ENV_DATA_DIR})")[0]
+    if saved_dir is not None and str(saved_dir) != "":
+        try:
+            return data.resolve_folder(Path(saved_dir), "")[0]
+        except DataError:
+            pass
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = cache / BIN_FOLDER

@@ -55,13 +55,11 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
         if resume and (run_dir / "config.json").is_file():
             saved = checkpoint.read_config(run_dir)
             cfg = TrainConfig.from_dict(saved)
-            data_dir = data_dir or saved.get("data_dir")
     elif resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"there is no run {name!r} in {out} to resume; drop --resume to start it")
         saved = checkpoint.read_config(run_dir)
         cfg = TrainConfig.from_dict(saved)
-        data_dir = data_dir or saved.get("data_dir")
     elif _holds_a_run(run_dir) or (
             history_path.exists() and history.has_run(history_path, name, guard=False)):
         raise UserError(f"run {name!r} already exists (in {run_dir} or {history_path}); "
@@ -75,7 +73,7 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
     # Before anything is written (the trainer checks it again for its own callers).
     check_batch_split(cfg.batch_size, devices, cluster.workers if cluster is not None else 1)
     # Data first: a data error must not leave an empty run folder behind.
-    folder = fetch.find_data_dir(data_dir, progress=not quiet)
+    folder = fetch.find_data_dir(data_dir, saved_dir=saved.get("data_dir"), progress=not quiet)
     dataset = data.load_cifar10(folder, valid_size=cfg.valid_size,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
     options = dict(resume=resume, log=(lambda s: None) if quiet else log, progress=not quiet,

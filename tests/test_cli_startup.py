@@ -39,3 +39,19 @@ def test_a_usage_error_answers_without_tensorflow():
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+def test_a_reader_that_goes_away_ends_the_program_with_141_and_no_message():
+    # `resnet-graph recipes --json | head -c 0`: the pipe is closed before anything is
+    # written, so the write meets EPIPE (Python ignores SIGPIPE), as a shell's early reader.
+    import os
+    exe = os.path.join(os.path.dirname(sys.executable), "resnet-graph")
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([exe, "recipes", "--json"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == ""

@@ -689,6 +689,23 @@ def test_find_data_dir_order_explicit_then_env_then_cache(tmp_path, monkeypatch)
     assert fetch.find_data_dir(cache_dir=cache, download=False) == cached.resolve()
 
 
+def test_a_runs_saved_folder_comes_after_env_and_before_the_cache(tmp_path, monkeypatch):
+    saved = synthetic.write_synthetic_cifar(tmp_path / "saved", n_train_per_batch=2, n_test=2)
+    env = synthetic.write_synthetic_cifar(tmp_path / "env", n_train_per_batch=2, n_test=2)
+    cache = tmp_path / "cache"
+    cached = synthetic.write_synthetic_cifar(cache / data.BIN_FOLDER, n_train_per_batch=2, n_test=2)
+    find = dict(cache_dir=cache, download=False)
+    monkeypatch.setenv(fetch.ENV_DATA_DIR, str(env))
+    assert fetch.find_data_dir(None, saved_dir=saved, **find) == env.resolve()
+    monkeypatch.delenv(fetch.ENV_DATA_DIR)
+    assert fetch.find_data_dir(None, saved_dir=saved, **find) == saved.resolve()
+    # Gone (a run folder copied from another machine): the cache, as with no folder.
+    assert fetch.find_data_dir(None, saved_dir=tmp_path / "gone", **find) == cached.resolve()
+    # A folder named on the command line is never replaced, even by a good saved one.
+    with pytest.raises(DataError, match="does not exist"):
+        fetch.find_data_dir(tmp_path / "typo", saved_dir=saved, **find)
+
+
 def test_find_data_dir_default_cache_locations(tmp_path, monkeypatch):
     xdg_data = synthetic.write_synthetic_cifar(
         tmp_path / "xdg-cache" / "resnet-graph" / data.BIN_FOLDER, n_train_per_batch=2, n_test=2
