@@ -138,6 +138,10 @@ RECIPE = click.option("--recipe", type=click.Choice(sorted(RECIPES)), default="s
                            "fast (about an hour on a CPU with bf16 units).")
 OUT = click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
                    default=DEFAULT_OUT, show_default=True, help="Root folder for run folders.")
+DEVICES = click.option("--devices", type=int, callback=_positive,
+                       help="Towers in this process, one per GPU (else per logical CPU "
+                            "device), splitting each --batch-size batch [1, or the resumed "
+                            "run's].")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 # Options that override the recipe: shared by train and experiment.
 RECIPE_OPTIONS = [
@@ -244,9 +248,7 @@ def _config(model, recipe, **options):
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of data split and order, augmentation and initialisation.")
 @click.option("--resume", is_flag=True, help="Continue run --name from its latest checkpoint.")
-@click.option("--devices", type=int, callback=_positive,
-              help="Towers in this process, one per GPU (else per logical CPU device), "
-                   "splitting each --batch-size batch [1, or the resumed run's].")
+@DEVICES
 @click.option("--cluster", "cluster_file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="JSON file like $TF_CONFIG (cluster and task): train as one task of a "
                    "synchronous multi-process run; without it $TF_CONFIG is read "
@@ -306,9 +308,10 @@ def _seeds(ctx, param, value):
               help="Folder for the runs, histories.h5, figures and report "
                    "[checkpoints/experiment-<recipe>-<depth>].")
 @recipe_options
+@DEVICES
 @QUIET
 @click.option("--json", "as_json", is_flag=True, help="Print report.json's object on stdout.")
-def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
+def experiment(recipe, models, depth, seeds, out, devices, quiet, as_json, **options):
     """Train several models (and seeds) in turn and compare them in one report.
 
     Writes <out>/histories.h5, loss.png, accuracy.png, report.md and
@@ -327,7 +330,8 @@ def experiment(recipe, models, depth, seeds, out, quiet, as_json, **options):
         raise click.UsageError(str(e)) from None
     log = (lambda s: None) if quiet or as_json else click.echo
     report = run_experiment(configs, out, data_dir=options["data_dir"], quiet=quiet or as_json,
-                            log=log, command=" ".join(["resnet-graph"] + sys.argv[1:]))
+                            log=log, command=" ".join(["resnet-graph"] + sys.argv[1:]),
+                            devices=devices)
     if as_json:
         click.echo(json.dumps(report))
     else:

@@ -85,8 +85,10 @@ def check_same_setup(out: pathlib.Path, cfg: TrainConfig) -> None:
 
 
 def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet: bool = False,
-                   log: Callable[[str], None] = print, command: str = "") -> dict:
-    """Train every run of ``configs`` that is not finished, then write the report."""
+                   log: Callable[[str], None] = print, command: str = "",
+                   devices: Optional[int] = None) -> dict:
+    """Train every run of ``configs`` that is not finished, then write the report;
+    ``devices``: towers per run (as train_run's: default 1, or a resumed run's)."""
     from .runs import train_run  # TensorFlow only when training
     from .train import TrainingError
     out = pathlib.Path(out)
@@ -115,7 +117,7 @@ def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet:
         try:
             train_run(cfg, data_dir=data_dir, out=out, history_path=out / HISTORY_FILE,
                       resume=state == "partial", epochs_override=cfg.epochs,
-                      quiet=quiet, log=log)
+                      quiet=quiet, log=log, devices=devices)
         except TrainingError as e:   # e.g. NaN loss: recorded in the history, go on
             log(f"{where}: failed: {e}")
         except TrainingInterrupted as e:

@@ -191,3 +191,12 @@ def test_bad_experiment_options(args, message, tmp_path):
     result = CliRunner().invoke(cli, ["experiment", *args, "--out", str(tmp_path)])
     assert result.exit_code in (1, 2)
     assert message in result.output
+
+
+def test_an_experiment_trains_every_run_on_the_towers_asked_for(tiny_data_dir, tmp_path):
+    out = tmp_path / "towers"
+    result = invoke("experiment", "--recipe", "fast", "--models", "plain", *TINY, "--epochs",
+                    "1", "--devices", "2", "--data-dir", tiny_data_dir, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "plain-8-s0" / "config.json").read_text())["devices"] == 2
+    assert history.read_run(out / "histories.h5", "plain-8-s0").attrs["devices"] == 2
