@@ -304,9 +304,12 @@ def write_report(out, configs: Sequence[TrainConfig], *, command: str = "",
     runs = history.read_history(path, names, guard=False) if names else []
     figures = [str(p) for p in plot_runs(runs, out)] if names else []
     atomic_write_text(out / REPORT_MD, format_report(rows, configs, command))
+    run_objects = [_json_ready(dataclasses.asdict(r)) for r in rows]
+    models = _json_ready(summarise(rows))
+    for model, entry in models.items():   # each model with its per-seed runs and summary
+        entry["per_seed"] = [r for r in run_objects if r["model"] == model]
     report = {"recipe": configs[0].recipe, "depth": configs[0].depth, "command": command,
-              "runs": [_json_ready(dataclasses.asdict(r)) for r in rows],
-              "models": _json_ready(summarise(rows)), "figures": figures,
+              "runs": run_objects, "models": models, "figures": figures,
               "report": str(out / REPORT_MD)}
     atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2))
     return report

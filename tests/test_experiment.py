@@ -60,6 +60,9 @@ def test_report_numbers_come_from_the_history(finished):
         assert summary["std"] == pytest.approx(np.std(accs, ddof=1))
         assert summary["n"] == 2
         assert report["models"][model]["params"] > 0
+        per_seed = report["models"][model]["per_seed"]
+        assert [r["seed"] for r in per_seed] == [0, 1]
+        assert [r["test_acc"] for r in per_seed] == accs
     text = (out / "report.md").read_text()
     assert "| original |" in text and "| plain |" in text and "original-8-s1" in text
     mean, std = 100 * report["models"]["plain"]["test_acc"]["mean"], \
