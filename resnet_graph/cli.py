@@ -428,6 +428,9 @@ def bench(model, depth, batch_size, steps, warmup, optimizer, augment, input_mod
     """Time MODEL's training steps (forward, backward, update) in images/s."""
     from .config import TrainConfig
     from .inspection import benchmark
+    if augment and input_mode == "feed":
+        raise click.UsageError("--augment works on the in-graph input; --input feed feeds the "
+                               "images as they are: drop one of them")
     cfg = TrainConfig(model=model, depth=depth, batch_size=batch_size, optimizer=optimizer,
                       augment=augment, precision=precision, data_format=data_format, xla=xla)
     r = benchmark(cfg, steps=steps, warmup=warmup, feed=input_mode == "feed")

@@ -91,14 +91,16 @@ def evaluate(sess, tensors, split: data.Split, *, batch_size: int = 500, name: s
 
 
 @contextlib.contextmanager
-def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
+def open_run(run_dir, *, best: bool = False, precision=None, images_from=None,
+             data_format: str = "auto"):
     """Rebuild the model of ``run_dir`` from its config.json in a new graph and
     session and restore its latest (with ``best``, best-validation) checkpoint.
 
     Yields ``(session, tensors, front)``. ``precision`` (None or ``auto``)
     defaults to the run's (fp16 only where a GPU runs it). ``images_from()``,
     when given, returns ``(front, uint8_images)``: a front-end input whose uint8 images become the
-    default of the ``images`` placeholder (``front`` is yielded).
+    default of the ``images`` placeholder (``front`` is yielded). ``data_format``: the
+    graph's layout (``auto``: the fastest here, see precision.resolve_data_format).
 
     A run trained with ``ema_decay`` restores its averaged weights and batch-norm
     statistics into the model (``graph.restore_variables``), so eval, predict and
@@ -119,7 +121,8 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None):
             labels = tf.zeros(tf.shape(images)[:1], tf.int32)
         tensors = attach_model(cfg, norm["mean"], norm["std"], images=images, labels=labels,
                                precision=precision,
-                               data_format=resolve_data_format("auto", precision=precision))
+                               data_format=resolve_data_format(data_format,
+                                                               precision=precision))
         saver = tf1.train.Saver(restore_variables(cfg))
         with tf1.Session(graph=g, config=session_config()) as sess:
             checkpoint.restore(sess, saver, prefix)

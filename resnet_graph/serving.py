@@ -3,7 +3,9 @@
 Both rebuild the run's network from its ``config.json`` in inference mode and
 restore its latest (or best-validation) checkpoint, as ``eval`` does.
 
-Image files are decoded by Pillow, converted to RGB and resized to 32x32 as a
+Image files are decoded by Pillow, turned as their EXIF orientation says (phone
+photographs), converted to 8-bit RGB (16-bit grey scaled, not clipped; transparent
+pixels over white, as a web page shows them) and resized to 32x32 as a
 whole (the aspect ratio is not kept; crop first if that matters): with a box
 filter (the average of the source pixels each target pixel covers) when
 shrinking, which is how a small thumbnail such as a CIFAR-10 image relates to
@@ -42,20 +44,33 @@ class Prediction:
                                                for c, p in self.top(k)]}
 
 
+def _as_rgb(img):
+    """A Pillow image as 8-bit RGB (see the module docstring)."""
+    from PIL import Image
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):   # 16-bit grey PNGs
+        grey = np.rint(np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255)
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
 def load_image(path) -> np.ndarray:
     """One PNG or JPEG file as uint8 [32, 32, 3] RGB (see the module docstring)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     path = pathlib.Path(path)
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = _as_rgb(ImageOps.exif_transpose(img))
             shrinking = img.width >= SIZE and img.height >= SIZE
             method = Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC
             return np.asarray(img.resize((SIZE, SIZE), method), dtype=np.uint8)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable PNG or JPEG image ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path} is not a readable PNG or JPEG image ({first_line(e)})") from None
 
 
 def load_array(path) -> np.ndarray:
@@ -64,12 +79,17 @@ def load_array(path) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npy array ({e})") from None
+        raise UserError(f"{path} is not a readable .npy array ({first_line(e)})") from None
+    if not isinstance(array, np.ndarray):     # an .npz archive under a .npy name
+        raise UserError(f"{path} is an .npz archive, not one .npy array; save the images "
+                        "with numpy.save")
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[1:] != (SIZE, SIZE, 3):
         raise UserError(f"{path} holds an array of shape {array.shape}; expected [N, 32, 32, 3] "
                         "RGB pixels")
+    if len(array) == 0:
+        raise UserError(f"{path} holds no images; give at least one")
     if array.dtype == np.uint8:
         return array
     if not np.issubdtype(array.dtype, np.number) or not np.isfinite(array).all() \
@@ -126,8 +146,10 @@ def export(run_dir, out, *, best: bool = False) -> pathlib.Path:
         as_uint8 = tf.cast(tf.round(tf.clip_by_value(pixels, 0.0, 255.0)), tf.uint8)
         return pixels, as_uint8
 
-    with open_run(run_dir, best=best, precision="fp32", images_from=float_front_end) as (
-            sess, tensors, front):
+    # NHWC whatever this machine would pick: a SavedModel exported on a GPU host must
+    # also run where convolutions have no NCHW kernel (TensorFlow's stock CPU build).
+    with open_run(run_dir, best=best, precision="fp32", images_from=float_front_end,
+                  data_format="NHWC") as (sess, tensors, front):
         outputs = {"logits": tensors.logits, "probabilities": tensors.probabilities,
                    "classes": tensors.predictions}
         sig = tf1.saved_model.signature_def_utils.predict_signature_def

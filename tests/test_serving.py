@@ -119,8 +119,51 @@ def test_images_of_any_size_become_32x32_rgb(tmp_path):
     assert small.shape == (32, 32, 3) and abs(int(small.mean()) - 77) <= 2
 
 
+def test_16_bit_grey_transparency_and_exif_orientation(tmp_path):
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(tmp_path / "deep.png")
+    assert (load_image(tmp_path / "deep.png") == 156).all()     # 40000 / 257, not clipped
+    rgba = np.zeros((32, 32, 4), np.uint8)                       # left half: transparent black
+    rgba[:, 16:] = (200, 0, 0, 255)                              # right half: opaque red
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "cut.png")
+    img = load_image(tmp_path / "cut.png")
+    assert (img[:, :16] == 255).all() and (img[:, 16:] == (200, 0, 0)).all()
+    # Stored upside down with Orientation 3 (rotate 180): shown bright on the right.
+    stored = np.zeros((32, 32, 3), np.uint8)
+    stored[:, :16] = 200
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    img = load_image(tmp_path / "phone.jpg").astype(int)
+    assert img[:, :14].mean() < 10 and img[:, 18:].mean() > 190
+
+
+def test_an_export_is_nhwc_whatever_this_machine_would_pick(run, tmp_path, monkeypatch):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from resnet_graph import evaluate
+    _, run_dir, _ = run
+    pick = evaluate.resolve_data_format
+    # As on a GPU host, where `auto` picks NCHW for fp32.
+    monkeypatch.setattr(evaluate, "resolve_data_format",
+                        lambda fmt, precision: "NCHW" if fmt == "auto" else pick(fmt, precision))
+    assert invoke("export", "--ckpt", run_dir, "--out", tmp_path / "saved").exit_code == 0
+    model = saved_model_pb2.SavedModel()
+    model.ParseFromString((tmp_path / "saved" / "saved_model.pb").read_bytes())
+    layouts = [node.attr["data_format"].s for node in model.meta_graphs[0].graph_def.node
+               if node.op in ("Conv2D", "FusedBatchNormV3", "MaxPool", "AvgPool")]
+    # NHWC is the default, which strip_default_attrs leaves out (b"").
+    assert layouts and set(layouts) <= {b"", b"NHWC"}, set(layouts)
+
+
+def test_bench_refuses_augmentation_on_fed_images():
+    result = CliRunner().invoke(cli, ["bench", "plain", "--input", "feed", "--augment"])
+    assert result.exit_code == 2 and "--input feed" in result.output
+
+
 @pytest.mark.parametrize("name, content, fragment", [
     ("notes.txt", b"hello", "give PNG or JPEG files"),
+    ("empty.npy", "empty", "holds no images"),
+    ("archive.npy", "npz", "is an .npz archive"),
     ("broken.png", b"\x89PNG not really", "not a readable PNG or JPEG"),
     ("wrong.npy", None, "expected [N, 32, 32, 3]"),
     ("hot.npy", "hot", "numbers in 0..255"),
@@ -130,6 +173,11 @@ def test_bad_prediction_inputs_are_one_line_errors(run, tmp_path, name, content,
     path = tmp_path / name
     if content is None:
         np.save(path, np.zeros((2, 28, 28), np.uint8))
+    elif content == "empty":
+        np.save(path, np.zeros((0, 32, 32, 3), np.uint8))
+    elif content == "npz":
+        with open(path, "wb") as f:
+            np.savez(f, images=np.zeros((1, 32, 32, 3), np.uint8))
     elif content == "hot":
         np.save(path, np.full((1, 32, 32, 3), 300.0))
     else:
