@@ -27,6 +27,7 @@ name                          what
 ``accuracy:0``                mean of ``correct``
 ``learning_rate:0``           the rate of the current step
 ``steps_taken:0``             (fp16) training steps taken, applied or skipped
+``skipped_after_step:0``      (fp16) steps skipped so far, read after the train op
 ============================  ==================================================
 
 Steps and positions: ``global_step`` counts the updates that were applied.
@@ -149,6 +150,9 @@ class TrainTensors(ModelTensors):
     set_permutation: tf.Operation = None
     loss_scale: Optional[tf.Variable] = None
     skipped_steps: Optional[tf.Variable] = None
+    # skipped_steps read after the step: the one to fetch together with train_op (a fetch
+    # of the variable itself may run before the update, and then miss this step's skip).
+    skipped_after_step: Optional[tf.Tensor] = None
     ema: Optional[tf1.train.ExponentialMovingAverage] = None   # --ema-decay runs
     averaged: Optional[ModelTensors] = None   # the network on the averaged weights
 
@@ -388,9 +392,15 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
                                       trainable=False)
     progress_placeholder = tf1.placeholder(tf.float64, [3], name="progress")
     fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(ModelTensors)}
+    train_op = tf.group(train_op, name="train_op")
+    skipped_after_step = None
+    if scaling is not None:
+        with tf.control_dependencies([train_op]):
+            skipped_after_step = tf.identity(scaling.skipped_steps.read_value(),
+                                             name="skipped_after_step")
     return TrainTensors(
         **fields, total_loss=total_loss, learning_rate=lr,
-        train_op=tf.group(train_op, name="train_op"), global_step=global_step,
+        train_op=train_op, global_step=global_step,
         steps_taken=steps,
         epochs_done=epochs_done, set_epochs_done=epochs_done.assign(epoch_placeholder).op,
         epoch_placeholder=epoch_placeholder, epoch_progress=epoch_progress,
@@ -403,6 +413,7 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
         permutation=inp.permutation, set_permutation=inp.order.assign(inp.permutation).op,
         loss_scale=scaling.scale if scaling else None,
         skipped_steps=scaling.skipped_steps if scaling else None,
+        skipped_after_step=skipped_after_step,
         step_loss=step_loss, step_accuracy=step_accuracy)
 
 

@@ -264,7 +264,7 @@ class Trainer:
         start = time.perf_counter() - before
         fetches = [t.train_op, t.step_loss, t.step_accuracy, t.learning_rate]
         if t.skipped_steps is not None:      # fp16: a loss-scale skip is not a failure
-            fetches.append(t.skipped_steps)
+            fetches.append(t.skipped_after_step)
         skipped = int(self.sess.run(t.skipped_steps)) if t.skipped_steps is not None else 0
         bar = epoch_progress(f"epoch {epoch}/{cfg.epochs}", first, self.steps_per_epoch,
                              cfg.batch_size, enabled=self.progress_bar, log=self.log)

@@ -187,7 +187,11 @@ def _applied_then_skipped(dataset, cfg, watched):
         applied = sess.run(variables)
         assert any(not np.array_equal(a, b) for a, b in zip(before, applied))
         bright = np.full((20, 32, 32, 3), 255, np.uint8)
-        sess.run(t.train_op, {t.images: bright, t.training: True})
+        # Fetched as the training loop does: the step's own skip is seen with its inf
+        # loss, so the loop counts it as a skip, not as a diverged run.
+        _, loss, skipped = sess.run([t.train_op, t.step_loss, t.skipped_after_step],
+                                    {t.images: bright, t.training: True})
+        assert skipped == 1 and not np.isfinite(loss)
         assert sess.run([t.global_step, t.skipped_steps]) == [1, 1]
         for a, b in zip(applied, sess.run(variables)):
             np.testing.assert_array_equal(a, b)
