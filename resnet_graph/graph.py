@@ -77,7 +77,10 @@ def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
     """The schedule as a function of the optimizer step (see TrainConfig)."""
     if cfg.lr_schedule == "step" and cfg.lr_boundaries:
         values = [cfg.lr * cfg.lr_decay ** i for i in range(len(cfg.lr_boundaries) + 1)]
-        lr = tf1.train.piecewise_constant(global_step, list(cfg.lr_boundaries), values)
+        # Step b (0-based) is the first at the new rate, as Caffe's multistep: b steps at
+        # the old one. piecewise_constant keeps x <= boundary in the old interval.
+        lr = tf1.train.piecewise_constant(global_step, [b - 1 for b in cfg.lr_boundaries],
+                                          values)
     elif cfg.lr_schedule == "cosine":
         lr = cosine_with_warmup(cfg.lr, global_step, cfg.epochs * steps_per_epoch,
                                 min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch)
@@ -96,7 +99,10 @@ def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps:
     cosine = 0.5 * peak * (1.0 + tf.cos(3.141592653589793 * progress))
     if warmup <= 0:
         return cosine
-    return tf.where(step < warmup, peak * (step + 1.0) / warmup, cosine)
+    # min: with a fractional warm-up (0.5 epochs of 351 steps) the last warm-up step
+    # would pass the peak.
+    rising = tf.minimum(peak * (step + 1.0) / warmup, peak)
+    return tf.where(step < warmup, rising, cosine)
 
 
 def make_optimizer(cfg: TrainConfig, lr):

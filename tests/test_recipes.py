@@ -43,6 +43,24 @@ def test_cosine_schedule_warms_up_then_falls_to_zero():
     assert schedule(short, 5, [0, 4]) == pytest.approx([0.04, 0.2])
 
 
+def test_a_step_boundary_is_the_first_step_at_the_new_rate():
+    # He et al.: "divide it by 10 at 32k and 48k iterations"; Caffe's multistep rule
+    # trains iterations 0..31999 at 0.1 and 32000 at 0.01.
+    cfg = TrainConfig(lr=0.1, lr_schedule="step", lr_boundaries=(3, 6), lr_decay=0.1)
+    assert schedule(cfg, 5, range(8)) == pytest.approx(
+        [0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.001, 0.001])
+    he = make_config("original", "he2016")
+    assert schedule(he, 351, [31999, 32000, 47999, 48000]) == pytest.approx(
+        [0.1, 0.01, 0.01, 0.001])
+
+
+def test_a_fractional_warm_up_never_passes_the_peak():
+    cfg = TrainConfig(lr=0.2, epochs=4, lr_schedule="cosine", warmup_epochs=0.5)
+    lrs = schedule(cfg, 7, range(5))           # 3.5 warm-up steps
+    assert max(lrs) <= np.float32(0.2) and lrs[3] == pytest.approx(0.2)   # old: 0.2 * 4 / 3.5
+    assert lrs[:3] == pytest.approx([0.2 * (s + 1) / 3.5 for s in range(3)])
+
+
 def test_cosine_without_warmup_starts_at_the_peak():
     cfg = TrainConfig(lr=0.1, epochs=4, lr_schedule="cosine")
     assert schedule(cfg, 10, [0, 20]) == pytest.approx([0.1, 0.05], rel=1e-5)
