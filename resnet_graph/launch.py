@@ -132,7 +132,12 @@ def launch_local(command: Sequence[str], workers: int, *, grace: float = 15.0,
             running = [t for t, c in zip(tasks, codes) if c is None]
             if not running:
                 break
-            failed = [t for t, c in zip(tasks, codes) if c not in (None, 0)]
+            # After a forwarded Ctrl-C/SIGTERM a task that stopped as asked (128 + N) has not
+            # failed: the chief may still be writing the checkpoint (at an epoch's end, the
+            # epoch's validation and row first), and a second signal would kill it mid-write.
+            stopped = {0} | {128 + n for n in signals_seen}
+            failed = [t for t, c in zip(tasks, codes)
+                      if c is not None and _exit_status(c) not in stopped]
             now = time.monotonic()
             if kill_at is None and failed:
                 if not signals_seen:

@@ -240,3 +240,44 @@ class _Capture:
 
     def flush(self):
         pass
+
+
+FAKE_TASK = """#!{python}
+# Stands in for a training task: on SIGINT it stops as resnet-graph does, the chief
+# after 3 s of writing (an epoch's validation, row and checkpoint), the worker at once;
+# a second signal while stopping kills it (the default action), as in the trainer.
+import os, signal, sys, time
+chief = '"index": 0' in os.environ["TF_CONFIG"]
+stop = []
+def handle(number, frame):
+    stop.append(number)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.signal(signal.SIGINT, handle)
+signal.signal(signal.SIGTERM, handle)
+print("started", flush=True)
+while not stop:
+    time.sleep(0.05)
+if chief:
+    time.sleep(3)
+print("stopped", flush=True)
+sys.exit(128 + stop[0])
+"""
+
+
+def test_ctrl_c_lets_the_chief_finish_its_checkpoint_when_a_worker_stops_first(tmp_path):
+    """No TensorFlow: the launcher must not take a worker's stop (130) for a failure and
+    SIGTERM the chief while it writes (it would die with 143, its checkpoint half done)."""
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_TASK.format(python=sys.executable))
+    fake.chmod(0o755)
+    out, err = _Capture(), _Capture()
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        code = launch_local(["train"], 2, grace=10, stdout=out, stderr=err, python=str(fake))
+    finally:
+        timer.cancel()
+    assert code == 128 + signal.SIGINT, err.text
+    assert out.text.count("stopped") == 2 and "[worker:0] stopped" in out.text, out.text
+    assert "exited with status" not in err.text
