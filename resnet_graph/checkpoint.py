@@ -30,7 +30,24 @@ def write_config(run_dir, cfg: TrainConfig, **extra) -> None:
     """Store the resolved config plus ``extra`` keys (normalisation, data dir, ...)."""
     data = cfg.to_dict()
     data.update(extra)
+    write_config_data(run_dir, data)
+
+
+def write_config_data(run_dir, data: dict) -> None:
+    """Replace config.json with ``data`` (atomically: a reader sees the old or the new)."""
     atomic_write_text(pathlib.Path(run_dir) / CONFIG_FILE, json.dumps(data, indent=2, sort_keys=True))
+
+
+def epochs_done(run_dir) -> Optional[int]:
+    """The epochs the latest checkpoint of ``run_dir`` has finished; None without one."""
+    prefix = latest(run_dir)
+    if prefix is None:
+        return None
+    try:
+        return int(tf.train.load_checkpoint(prefix).get_tensor("epochs_done"))
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {prefix} cannot be read ({first_line(e)}); "
+                              "was it written by resnet-graph?") from None
 
 
 def read_config(run_dir) -> dict:

@@ -75,6 +75,12 @@ def check_same_setup(out: pathlib.Path, cfg: TrainConfig) -> None:
         saved = checkpoint.read_config(out / cfg.name)
     else:
         saved = history.read_run(out / HISTORY_FILE, cfg.name, guard=False).attrs["config"]
+    try:
+        # An option the run's version did not have yet took its default (the behaviour
+        # of that version), so compare with the default, not skip it.
+        saved = TrainConfig.from_dict(saved).to_dict()
+    except (TypeError, ValueError):
+        pass
     wanted = cfg.to_dict()
     differ = sorted(k for k in wanted if k not in NOT_SETUP and k in saved
                     and saved[k] != wanted[k])

@@ -91,7 +91,7 @@ def find_data_dir(
     if saved_dir is not None and str(saved_dir) != "":
         try:
             return data.resolve_folder(Path(saved_dir), "")[0]
-        except DataError:
+        except (DataError, OSError):   # gone, or not ours to read (another user's home)
             pass
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -68,6 +68,10 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
         history.check_writable(history_path)
     if epochs_override:
         cfg = cfg.replace(epochs=epochs_override)
+        done = checkpoint.epochs_done(run_dir) if resume and chief else None
+        if done is not None and done > cfg.epochs:
+            raise UserError(f"run {name!r} has done {done} epochs; --epochs {cfg.epochs} "
+                            f"cannot shorten it: pass --epochs {done} or more")
     if devices is None:
         devices = int(saved.get("devices", 1)) if resume else 1
     # Before anything is written (the trainer checks it again for its own callers).

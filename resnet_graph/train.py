@@ -207,17 +207,17 @@ class Trainer:
             checkpoint.adopt_existing(self.saver, self.run_dir)
             checkpoint.adopt_existing(self.best_saver, self.run_dir / checkpoint.BEST_DIR)
             done = self.restore_position(prefix)
-            if done > cfg.epochs:
-                raise UserError(f"run {cfg.name!r} has done {done} epochs; --epochs {cfg.epochs} "
-                                f"cannot shorten it: pass --epochs {done} or more")
             history.truncate(self.history_path, cfg.name, int(done))
-            # The options as resumed (--epochs may have grown): config.json and the history
-            # say what a later --resume or eval gets, and a run with epochs to go has no
-            # test results yet.
-            self._write_config()
+            # --epochs may have grown: config.json and the history say the new length (what
+            # a later --resume gets; the rest, the facts of the run's start included, stays),
+            # and a run with epochs to go has no test results yet.
+            saved = checkpoint.read_config(self.run_dir)
+            config = dict(saved, epochs=cfg.epochs)
+            if config != saved:
+                checkpoint.write_config_data(self.run_dir, config)
             unfinished = {key: None for key in history.FINAL_ATTRS} if done < cfg.epochs else {}
             history.set_attrs(self.history_path, cfg.name, status=None, failure=None,
-                              config=self._config_dict(), **unfinished)
+                              config=config, **unfinished)
             self._best_from_history()
             where = f" and step {self.start_step} of epoch {done + 1}" if self.start_step else ""
             self.log(f"resuming {cfg.name} after epoch {done}{where} from {prefix}")

@@ -103,6 +103,21 @@ def test_other_options_in_the_same_folder_are_refused(finished, tiny_data_dir, t
     assert (copy / "histories.h5").read_bytes() == before
 
 
+def test_an_option_older_than_the_run_counts_as_its_default(finished, tmp_path):
+    # A run folder of a version without --init trained glorot (the default then and now).
+    out, _ = finished
+    copy = tmp_path / "old"
+    shutil.copytree(out, copy)
+    path = copy / "original-8-s0" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["init"]
+    path.write_text(json.dumps(saved))
+    base = make_config("original", "fast", depth=8, epochs=2, batch_size=50, valid_size=50)
+    experiment.check_same_setup(copy, base.replace(name="original-8-s0"))
+    with pytest.raises(UserError, match="other options: init 'glorot' .asked 'he'."):
+        experiment.check_same_setup(copy, base.replace(name="original-8-s0", init="he"))
+
+
 def test_an_interrupted_experiment_continues_where_it_stopped(tiny_data_dir, tmp_path,
                                                                monkeypatch):
     out = tmp_path / "exp"

@@ -98,10 +98,14 @@ def test_a_lengthened_run_keeps_its_new_length_across_a_stop(tiny_data_dir, tmp_
     run = history.read_run(hist, "ext")
     assert list(run.columns["epoch"]) == [1, 2, 3] and "test_acc" in run.attrs
     before = hist.read_bytes()
+    files = sorted(p.name for p in (tmp_path / "ext").iterdir())
     with pytest.raises(UserError, match="has done 3 epochs.*--epochs 3 or more"):
         train_run(tiny_config(name="ext"), data_dir=tiny_data_dir, out=tmp_path,
                   history_path=hist, resume=True, epochs_override=2, quiet=True)
     assert hist.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "ext").iterdir()) == files   # no new events file
+    # The facts of the run's start stay in config.json across the resumes.
+    assert checkpoint.read_config(tmp_path / "ext")["normalization"] == saved["normalization"]
 
 
 def test_sigint_to_the_cli_checkpoints_and_says_how_to_resume(tiny_data_dir, tmp_path):
