@@ -1,8 +1,9 @@
 """Where CIFAR-10 comes from: the folder to read, and the download when there is none.
 
 :func:`find_data_dir` looks at ``--data-dir``, then ``$RESNET_GRAPH_DATA_DIR``,
-then (for ``eval`` and ``--resume``) the folder the run was trained on, then the user cache, and downloads the official binary archive into the cache
-when it is missing (:func:`download_cifar10`): https only (no redirect to
+then (for ``eval`` and ``--resume``) the folder the run was trained on, then the
+user cache, and downloads the official binary archive into the cache when it is
+missing (:func:`download_cifar10`): https only (no redirect to
 another scheme), a size limit, the MD5 checked before anything is unpacked,
 and an extraction that refuses absolute paths, ``..``, links and devices.
 Reading and splitting the files is resnet_graph.data's job.

@@ -610,7 +610,8 @@ def _check_is_history(f: h5py.File, path: Path) -> None:
         _check_attr(f, "format", str(path))
         fmt = _python_value(f.attrs["format"])
     if fmt is None:
-        # The first versions wrote no format attribute: only run groups at the top.
+        # Not written by resnet-graph (which always sets format): accepted only if its
+        # top level holds run groups and nothing else, e.g. a history rebuilt by hand.
         for key in f.keys():
             link = f.get(key, getlink=True)
             if not (isinstance(link, h5py.HardLink) and isinstance(f[key], h5py.Group)

@@ -387,7 +387,7 @@ def test_runs_are_not_written_into_a_file_that_is_not_a_history(hfile, make, fra
 
 
 def test_a_history_without_format_attributes_is_still_one(filled):
-    # As the first versions wrote them: run groups only, no format attributes.
+    # Written without format attributes (by hand or another tool): run groups only.
     with h5py.File(filled, "r+") as f:
         del f.attrs["format"], f.attrs["format_version"]
     history.create_run(filled, "second", config={})
