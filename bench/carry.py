@@ -19,7 +19,9 @@ folder has none. Then the same `resnet-graph experiment` command (or bench/final
 resumes each unfinished run from its carried checkpoint.
 
 Checkpoints are not committed (.gitignore), so a snapshot in a fresh clone holds only the
-history, configs and evaluations: its unfinished runs start again. The checkpoints carry
+history, configs and evaluations: its finished runs are restored without checkpoints (their
+config and evaluations; `experiment` keeps a finished run by its history), and its
+unfinished runs are not restored and start again. The checkpoints carry
 only where the snapshot folder itself survives (the same machine handed back).
 
 A run folder's checkpoint state file stores relative paths (the Saver is made with
@@ -132,6 +134,15 @@ def save(src: pathlib.Path, dst: pathlib.Path) -> int:
     return runs
 
 
+def finished(path: pathlib.Path, name: str) -> bool:
+    """Whether the history file ``path`` holds run ``name`` with its test results (which
+    `train` writes once the last epoch is done)."""
+    try:
+        return "test_acc" in history.read_run(path, name).attrs
+    except history.HistoryError:
+        return False
+
+
 def restore(src: pathlib.Path, dst: pathlib.Path) -> int:
     if not (src / HISTORY).is_file():
         raise SystemExit(f"error: {src} has no {HISTORY}: not a snapshot made by 'carry.py save'")
@@ -147,16 +158,23 @@ def restore(src: pathlib.Path, dst: pathlib.Path) -> int:
             print(f"{out} exists: kept as it is")
             continue
         if latest_prefix(run) is None:
-            # Checkpoints stay out of git (.gitignore): a snapshot from a clone carries the
-            # history only, and `experiment` trains such a run again from its start.
-            print(f"{run.name}: no checkpoint in the snapshot, not restored (trained again)")
-            continue
+            # Checkpoints stay out of git (.gitignore), so a snapshot from a clone has none.
+            # A finished run is kept by `experiment` from its history: restore its config and
+            # evaluations (bench/finals.sh then skips them). An unfinished one trains again
+            # from its start, so a folder without its checkpoint would only be in the way.
+            if not finished(dst / HISTORY, run.name):
+                print(f"{run.name}: unfinished and no checkpoint in the snapshot: not restored "
+                      "(it trains again from its start)")
+                continue
+            note = "finished; config and evaluations only, no checkpoint"
+        else:
+            note = latest_prefix(run)
         tmp = dst / f".{run.name}.carry-tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(run, tmp)
         os.replace(tmp, out)
         restored += 1
-        print(f"{run.name}: restored ({latest_prefix(out) or 'no checkpoint'})")
+        print(f"{run.name}: restored ({note})")
     print(f"restored {restored} run folder(s) into {dst}")
     return restored
 

@@ -139,3 +139,30 @@ def test_a_snapshot_without_checkpoints_restores_the_history_only(carry, tmp_pat
     carry.main(["restore", str(snap), str(fresh)])
     assert (fresh / "histories.h5").is_file()
     assert not (fresh / "original-32-s0").exists()     # `experiment` trains it again
+
+
+def test_a_finished_run_without_checkpoints_restores_its_config_and_evaluations(carry, tmp_path):
+    # A fresh clone's snapshot of finished runs: `experiment` keeps them by the history, and
+    # bench/finals.sh skips an evaluation whose JSON is there, so these files must come back.
+    from resnet_graph import history
+
+    snap = tmp_path / "snap"
+    path = snap / "histories.h5"
+    for name in ("original-32-s0", "preact-32-s1"):
+        history.create_run(path, name, config={"model": name.split("-")[0]})
+        history.append_epoch(path, name, {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5,
+                                          "valid_loss": 1.1, "valid_acc": 0.4, "lr": 0.1,
+                                          "seconds": 2.0})
+        (snap / name).mkdir()
+        (snap / name / "config.json").write_text(json.dumps({"model": name}))
+    history.set_attrs(path, "original-32-s0", test_loss=0.4, test_acc=0.88)
+    (snap / "original-32-s0" / "eval-final.json").write_text(json.dumps({"accuracy": 0.88}))
+    (snap / "original-32-s0" / "best").mkdir()
+    (snap / "original-32-s0" / "best" / "best.json").write_text(json.dumps({"epoch": 1}))
+
+    fresh = tmp_path / "fresh"
+    assert carry.main(["restore", str(snap), str(fresh)]) == 0
+    done = fresh / "original-32-s0"
+    assert json.loads((done / "eval-final.json").read_text()) == {"accuracy": 0.88}
+    assert (done / "config.json").is_file() and (done / "best" / "best.json").is_file()
+    assert not (fresh / "preact-32-s1").exists()      # unfinished: trains again from its start
