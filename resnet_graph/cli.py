@@ -287,6 +287,23 @@ def _models(ctx, param, value):
     return names
 
 
+def _depths(value):
+    if value is None:
+        return None
+    try:
+        depths = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of depths") from None
+    if not depths or len(set(depths)) != len(depths):
+        raise click.BadParameter(f"{value!r}: give one or more distinct depths")
+    for d in depths:
+        try:
+            check_depth(d)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return depths
+
+
 def _seeds(ctx, param, value):
     try:
         seeds = [int(v) for v in value.split(",") if v.strip()]
@@ -302,16 +319,20 @@ def _seeds(ctx, param, value):
 @click.option("--models", default="original,preact,plain", show_default=True, callback=_models,
               help="Comma-separated models to train and compare.")
 @DEPTH
+@click.option("--depths", callback=lambda ctx, param, value: _depths(value),
+              help="Comma-separated depths (6n+2) to sweep, e.g. 20,32,44,56: every model "
+                   "once per depth and seed (instead of --depth).")
 @click.option("--seeds", default="0", show_default=True, callback=_seeds,
               help="Comma-separated seeds; each model is trained once per seed.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Folder for the runs, histories.h5, figures and report "
-                   "[checkpoints/experiment-<recipe>-<depth>].")
+                   "[checkpoints/experiment-<recipe>-<depth>, or -<d1>-<d2>... with "
+                   "--depths].")
 @recipe_options
 @DEVICES
 @QUIET
 @click.option("--json", "as_json", is_flag=True, help="Print report.json's object on stdout.")
-def experiment(recipe, models, depth, seeds, out, devices, quiet, as_json, **options):
+def experiment(recipe, models, depth, depths, seeds, out, devices, quiet, as_json, **options):
     """Train several models (and seeds) in turn and compare them in one report.
 
     Writes <out>/histories.h5, loss.png, accuracy.png, report.md and
@@ -320,12 +341,18 @@ def experiment(recipe, models, depth, seeds, out, devices, quiet, as_json, **opt
     """
     import sys
 
+    from click.core import ParameterSource
+
     from .experiment import plan, run_experiment
-    base = _config(models[0], recipe, depth=depth, **options)
+    ctx = click.get_current_context()
+    if depths is not None and ctx.get_parameter_source("depth") == ParameterSource.COMMANDLINE:
+        raise click.UsageError("give either --depth or --depths, not both")
+    base = _config(models[0], recipe, depth=depths[0] if depths else depth, **options)
     # The recipe and depth as resolved: a --config file may name them.
-    out = out or pathlib.Path(DEFAULT_OUT) / f"experiment-{base.recipe}-{base.depth}"
+    tag = "-".join(map(str, depths)) if depths else str(base.depth)
+    out = out or pathlib.Path(DEFAULT_OUT) / f"experiment-{base.recipe}-{tag}"
     try:
-        configs = plan(base, models, seeds)
+        configs = plan(base, models, seeds, depths)
     except UserError as e:   # e.g. an option one of the models refuses: as for the first
         raise click.UsageError(str(e)) from None
     log = (lambda s: None) if quiet or as_json else click.echo

@@ -38,17 +38,22 @@ def run_name(model: str, depth: int, seed: int) -> str:
     return f"{canonical_model(model)}-{depth}-s{seed}"
 
 
-def plan(base: TrainConfig, models: Sequence[str], seeds: Sequence[int]) -> list:
-    """One config per (model, seed), models outermost, in the order given."""
-    if not models or not seeds:
-        raise UserError("an experiment needs at least one model and one seed")
+def plan(base: TrainConfig, models: Sequence[str], seeds: Sequence[int],
+         depths: Optional[Sequence[int]] = None) -> list:
+    """One config per (depth, model, seed), depths outermost (so an unfinished sweep
+    has every model of its shallower depths), then models, in the order given.
+    ``depths``: None for ``base.depth`` alone."""
+    depths = [base.depth] if depths is None else list(depths)
+    if not models or not seeds or not depths:
+        raise UserError("an experiment needs at least one model, one seed and one depth")
     names = [canonical_model(m) for m in models]
-    if len(set(names)) != len(names) or len(set(seeds)) != len(seeds):
-        raise UserError("each model and each seed may be named once")
+    if len(set(names)) != len(names) or len(set(seeds)) != len(seeds) \
+            or len(set(depths)) != len(depths):
+        raise UserError("each model, each seed and each depth may be named once")
     try:
-        return [base.replace(model=m, seed=s, name=run_name(m, base.depth, s))
-                for m in names for s in seeds]
-    except ValueError as e:   # an option that one of the models refuses
+        return [base.replace(model=m, depth=d, seed=s, name=run_name(m, d, s))
+                for d in depths for m in names for s in seeds]
+    except ValueError as e:   # an option that one of the models (or depths) refuses
         raise UserError(str(e)) from None
 
 
@@ -140,6 +145,7 @@ class RunRow:
 
     name: str
     model: str
+    depth: int
     seed: int
     status: str
     epochs: int
@@ -163,15 +169,16 @@ def run_row(run: Optional[history.Run], cfg: TrainConfig, status: str,
             params: Optional[int]) -> RunRow:
     nan = float("nan")
     if run is None:
-        return RunRow(cfg.name, cfg.model, cfg.seed, status, 0, params, nan, None, nan, nan, nan,
-                      0.0, nan, "", "")
+        return RunRow(cfg.name, cfg.model, cfg.depth, cfg.seed, status, 0, params, nan, None,
+                      nan, nan, nan, 0.0, nan, "", "")
     cols, attrs = run.columns, run.attrs
     valid = np.asarray(cols["valid_acc"], dtype=np.float64)
     has_valid = bool(np.isfinite(valid).any())
     best_i = int(np.nanargmax(valid)) if has_valid else None
     speeds = _finite(cols.get("images_per_sec", []))
     return RunRow(
-        name=cfg.name, model=cfg.model, seed=cfg.seed, status=status, epochs=run.epochs,
+        name=cfg.name, model=cfg.model, depth=cfg.depth, seed=cfg.seed, status=status,
+        epochs=run.epochs,
         params=params,
         best_valid_acc=float(valid[best_i]) if has_valid else nan,
         best_epoch=int(cols["epoch"][best_i]) if has_valid else None,
@@ -240,11 +247,17 @@ SUMMARY_FIELDS = ("best_valid_acc", "final_valid_acc", "test_acc", "best_test_ac
                   "wall_clock_seconds", "images_per_sec")
 
 
+def group_key(row: RunRow, rows: Sequence[RunRow]) -> str:
+    """What the report groups a run under: its model, or ``<model>-<depth>`` when the
+    experiment has several depths."""
+    return row.model if len({r.depth for r in rows}) == 1 else f"{row.model}-{row.depth}"
+
+
 def summarise(rows: Sequence[RunRow]) -> dict:
-    """Per model: mean, std and count of each field over its finished runs."""
+    """Per model (and depth): mean, std and count of each field over its finished runs."""
     by_model = {}
     for row in rows:
-        by_model.setdefault(row.model, []).append(row)
+        by_model.setdefault(group_key(row, rows), []).append(row)
     summary = {}
     for model, runs in by_model.items():
         done = [r for r in runs if r.status == "finished"]
@@ -287,7 +300,7 @@ def format_report(rows: Sequence[RunRow], configs: Sequence[TrainConfig], comman
                   "| run | seed | status | epochs | best valid (epoch) | final valid | "
                   "test (final) | test (best) | wall-clock | images/s | precision |",
                   "|" + " --- |" * 11]
-        for r in (r for r in rows if r.model == model):
+        for r in (r for r in rows if group_key(r, rows) == model):
             best = f"{_pct(r.best_valid_acc)} ({r.best_epoch})" if r.best_epoch else "-"
             lines.append(
                 f"| {r.name} | {r.seed} | {r.status} | {r.epochs} | {best} | "
@@ -313,7 +326,7 @@ def write_report(out, configs: Sequence[TrainConfig], *, command: str = "",
     run_objects = [_json_ready(dataclasses.asdict(r)) for r in rows]
     models = _json_ready(summarise(rows))
     for model, entry in models.items():   # each model with its per-seed runs and summary
-        entry["per_seed"] = [r for r in run_objects if r["model"] == model]
+        entry["per_seed"] = [o for r, o in zip(rows, run_objects) if group_key(r, rows) == model]
     report = {"recipe": configs[0].recipe, "depth": configs[0].depth, "command": command,
               "runs": run_objects, "models": models, "figures": figures,
               "report": str(out / REPORT_MD)}

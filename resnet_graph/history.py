@@ -11,6 +11,9 @@ Layout (the contract is in docs/cli.md)::
         lr                 float64
         seconds            float64
         <extra>            float64, optional extra columns of the same length
+        grad_norm          float64 [epochs, layers], optional 2-D per-epoch datasets
+                           ("matrices"), with their column names in the
+                           dataset's attribute ``labels``
         attrs: config (JSON text), tensorflow_version, device, created,
                and after the final evaluation test_loss, test_acc
 
@@ -34,7 +37,7 @@ import numbers
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,7 +55,9 @@ FINAL_ATTRS = ("test_loss", "test_acc", "best_epoch", "best_valid_acc", "best_te
                "best_test_acc")
 
 FORMAT_NAME = "resnet-graph-history"
-FORMAT_VERSION = 1
+# 1: one 1-D dataset per column; 2: also 2-D per-epoch datasets (``grad_norm``), which
+# version 1 readers refuse.
+FORMAT_VERSION = 2
 LOCK_SUFFIX = ".lock"
 LOCK_TIMEOUT_SECONDS = 300.0
 MAX_RUN_NAME_LENGTH = 100
@@ -69,13 +74,18 @@ class Run:
 
     ``columns`` holds every 1-D dataset of the run's group (at least
     ``FIELDS``) as read-only arrays: ``epoch`` is int64, the others float64.
-    ``attrs`` holds the group's attributes as Python values, with ``config``
-    decoded from JSON into a dict (``{}`` when the attribute is missing).
+    ``matrices`` holds the 2-D ones (one row per epoch, e.g. ``grad_norm``:
+    epochs x layers) as read-only float64 arrays, and ``labels`` the names of
+    their columns. ``attrs`` holds the group's attributes as Python values,
+    with ``config`` decoded from JSON into a dict (``{}`` when the attribute
+    is missing).
     """
 
     name: str
     columns: dict[str, np.ndarray]
     attrs: dict
+    matrices: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def epochs(self) -> int:
@@ -158,17 +168,20 @@ def create_run(
     _modify(path, mutate, create=True)
 
 
-def append_epoch(path, run, row: dict) -> None:
+def append_epoch(path, run, row: dict, matrices: dict | None = None) -> None:
     """Append one finished epoch to run ``run``.
 
     ``row`` holds every name of ``FIELDS`` and optionally further numeric
     values, which become (or extend) extra columns; earlier rows of a new
     extra column, and rows that leave out an existing one, hold NaN. The
     epoch must be the last epoch + 1 (the first epoch is 1); accuracies must
-    be fractions in [0, 1].
+    be fractions in [0, 1]. ``matrices`` maps the name of a 2-D dataset to
+    ``(labels, values)``: this epoch's row of it and the names of its columns,
+    which must be those the run already has (NaN fills as for columns).
     """
     name = validate_run_name(run)
     values = _check_row(name, row)
+    rows = _check_matrices(name, matrices or {}, reserved=values)
     epoch = int(values["epoch"])
     path = Path(path)
 
@@ -196,6 +209,22 @@ def append_epoch(path, run, row: dict) -> None:
                 filled = np.full(n + 1, math.nan, dtype=np.float64)
                 filled[-1] = value
                 _write_column(group, key, filled)
+        for key, matrix in current.matrices.items():
+            labels, row_values = rows.get(key, (current.labels[key], None))
+            if tuple(labels) != current.labels[key]:
+                raise HistoryError(
+                    f"run {name} in {path}: the columns of {key} differ from the earlier "
+                    f"epochs' ({len(labels)} vs {len(current.labels[key])} names); the run's "
+                    "model changed, use another --name"
+                )
+            new_row = np.full((1, len(labels)), math.nan) if row_values is None \
+                else row_values[None, :]
+            _write_matrix(group, key, np.concatenate([matrix, new_row]), labels)
+        for key, (labels, row_values) in rows.items():
+            if key not in current.matrices:
+                filled = np.full((n + 1, len(labels)), math.nan, dtype=np.float64)
+                filled[-1] = row_values
+                _write_matrix(group, key, filled, labels)
 
     _modify(path, mutate, create=False)
 
@@ -247,6 +276,8 @@ def truncate(path, run, last_epoch: int) -> None:
             return _UNCHANGED
         for key, column in current.columns.items():
             _write_column(group, key, column[keep])
+        for key, matrix in current.matrices.items():
+            _write_matrix(group, key, matrix[keep], current.labels[key])
         for key in FINAL_ATTRS:
             if key in group.attrs:
                 del group.attrs[key]
@@ -421,12 +452,17 @@ def _load_group(group: h5py.Group, name: str, path: Path) -> Run:
     """Read and check one run group; HistoryError names the run and the problem."""
     where = f"run {name} in {path}"
     columns: dict[str, np.ndarray] = {}
+    matrices: dict[str, np.ndarray] = {}
+    labels: dict[str, tuple[str, ...]] = {}
     for key in group.keys():
         link = group.get(key, getlink=True)
         if not isinstance(link, h5py.HardLink):
             continue
         obj = group[key]
         if not isinstance(obj, h5py.Dataset):
+            continue
+        if obj.ndim == 2 and key not in FIELDS:
+            matrices[key], labels[key] = _load_matrix(obj, key, where)
             continue
         if obj.ndim != 1:
             raise HistoryError(
@@ -458,13 +494,33 @@ def _load_group(group: h5py.Group, name: str, path: Path) -> Run:
             "history file"
         )
     lengths = {key: len(column) for key, column in columns.items()}
+    lengths.update({key: len(matrix) for key, matrix in matrices.items()})
     if len(set(lengths.values())) > 1:
         detail = ", ".join(f"{key} {n}" for key, n in lengths.items())
         raise HistoryError(
             f"{where} has datasets of unequal length ({detail}); the file is damaged, "
             "delete the run or use another file"
         )
-    return Run(name=name, columns=columns, attrs=_read_attrs(group, where))
+    return Run(name=name, columns=columns, attrs=_read_attrs(group, where),
+               matrices=matrices, labels=labels)
+
+
+def _load_matrix(obj: h5py.Dataset, key: str, where: str) -> tuple:
+    """A 2-D per-epoch dataset and its column names (attribute ``labels``)."""
+    if obj.dtype.kind not in "biuf":
+        raise HistoryError(f"{where}: dataset {key} is not numeric ({obj.dtype}); "
+                           "the file is damaged or not a history file")
+    names = None
+    if "labels" in obj.attrs:
+        _check_attr(obj, "labels", where)
+        names = _python_value(obj.attrs["labels"])
+    if not isinstance(names, list) or len(names) != obj.shape[1] or not all(
+            isinstance(n, str) for n in names):
+        raise HistoryError(f"{where}: dataset {key} lacks one name per column (attribute "
+                           "labels); the file is damaged")
+    data = np.asarray(obj[()], dtype=np.float64)
+    data.setflags(write=False)
+    return data, tuple(names)
 
 
 # What a history attribute may be: text, numbers, booleans (h5py's enum), at most
@@ -678,6 +734,46 @@ def _write_column(group: h5py.Group, key: str, values: np.ndarray) -> None:
     )
     for k, v in saved.items():
         ds.attrs[k] = v
+
+
+def _write_matrix(group: h5py.Group, key: str, values: np.ndarray, labels) -> None:
+    """Store ``values`` (epochs x len(labels)) as the 2-D dataset ``key``."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1, len(labels))
+    if key in group:
+        ds = group[key]
+        if isinstance(ds, h5py.Dataset) and ds.maxshape == (None, len(labels)):
+            ds.resize(values.shape)
+            if len(values):
+                ds[...] = values
+            return
+        del group[key]
+    ds = group.create_dataset(key, data=values, maxshape=(None, len(labels)),
+                              chunks=(_CHUNK_ROWS, max(len(labels), 1)))
+    ds.attrs["labels"] = list(labels)
+
+
+def _check_matrices(name: str, matrices: dict, reserved: dict) -> dict:
+    """``{key: (labels, values)}`` checked: text names, one finite-or-NaN number each."""
+    if not isinstance(matrices, dict):
+        raise TypeError(f"matrices must be a dict, not {type(matrices).__name__}")
+    checked = {}
+    for key, pair in matrices.items():
+        if not isinstance(key, str) or not key or "/" in key or key in reserved \
+                or key in FIELDS or key in (".", ".."):
+            raise HistoryError(f"matrix name {key!r} for run {name} is not valid")
+        labels, values = pair
+        labels = tuple(labels)
+        if not labels or not all(isinstance(x, str) and x for x in labels):
+            raise HistoryError(f"{key} of run {name} needs one non-empty name per column")
+        try:
+            values = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise HistoryError(f"{key} of run {name} is not a row of numbers") from None
+        if values.shape != (len(labels),):
+            raise HistoryError(f"{key} of run {name} has shape {values.shape}, not one value "
+                               f"for each of its {len(labels)} names")
+        checked[key] = (labels, values)
+    return checked
 
 
 def _apply_attrs(group: h5py.Group, values: dict) -> None:

@@ -50,6 +50,16 @@ from .data import NUM_CLASSES
 tf1 = tf.compat.v1
 
 STAGE_FILTERS = (16, 32, 64)
+# Collection of every 3x3 convolution's response in layer order (resnet_graph.probes):
+# for original and plain the output of its batch norm, for preact's blocks the
+# convolution's own output (no batch norm follows it before the addition).
+RESPONSES = "resnet_graph_responses"
+
+
+def _respond(y, name):
+    """Register ``y`` as the response of convolution ``name``; returns ``y`` unchanged."""
+    tf1.add_to_collection(RESPONSES, tf.identity(y, name=f"{name}_response"))
+    return y
 
 
 def _bn(x, training, data_format, name, bn, zero_channels=None):
@@ -78,10 +88,10 @@ def original_block(x, filters, training, strides, data_format, first, bn, conv,
     del first  # the post-activation block looks the same everywhere
     shortcut = ops.shortcut_option_a(x, filters, strides, data_format=data_format)
     y = _conv(x, filters, strides, data_format, "conv1", conv)
-    y = tf.nn.relu(_bn(y, training, data_format, "bn1", bn))
+    y = tf.nn.relu(_respond(_bn(y, training, data_format, "bn1", bn), "conv1"))
     y = _conv(y, filters, 1, data_format, "conv2", conv)
-    y = _bn(y, training, data_format, "bn2", bn,
-            zero_channels=_carried(x, filters, data_format, zero_init))
+    y = _respond(_bn(y, training, data_format, "bn2", bn,
+                     zero_channels=_carried(x, filters, data_format, zero_init)), "conv2")
     return tf.nn.relu(y + shortcut)
 
 
@@ -96,10 +106,10 @@ def preact_block(x, filters, training, strides, data_format, first, bn, conv,
     """
     shortcut = ops.shortcut_option_a(x, filters, strides, data_format=data_format)
     y = x if first else tf.nn.relu(_bn(x, training, data_format, "bn1", bn))
-    y = _conv(y, filters, strides, data_format, "conv1", conv)
+    y = _respond(_conv(y, filters, strides, data_format, "conv1", conv), "conv1")
     y = tf.nn.relu(_bn(y, training, data_format, "bn2", bn))
-    y = _conv(y, filters, 1, data_format, "conv2", conv,
-              zero_channels=_carried(x, filters, data_format, zero_init))
+    y = _respond(_conv(y, filters, 1, data_format, "conv2", conv,
+                       zero_channels=_carried(x, filters, data_format, zero_init)), "conv2")
     return y + shortcut
 
 
@@ -110,9 +120,9 @@ def plain_block(x, filters, training, strides, data_format, first, bn, conv,
     if zero_init:
         raise ValueError("the plain block has no residual branch to zero-initialise")
     y = _conv(x, filters, strides, data_format, "conv1", conv)
-    y = tf.nn.relu(_bn(y, training, data_format, "bn1", bn))
+    y = tf.nn.relu(_respond(_bn(y, training, data_format, "bn1", bn), "conv1"))
     y = _conv(y, filters, 1, data_format, "conv2", conv)
-    return tf.nn.relu(_bn(y, training, data_format, "bn2", bn))
+    return tf.nn.relu(_respond(_bn(y, training, data_format, "bn2", bn), "conv2"))
 
 
 BLOCKS = {"original": original_block, "preact": preact_block, "plain": plain_block}
@@ -142,7 +152,7 @@ def build_logits(model, x, training, *, depth=32, data_format="NHWC",
     conv = dict(init=init, stride_padding=stride_padding)
     with tf1.variable_scope("stem"):
         y = _conv(x, STAGE_FILTERS[0], 1, data_format, "conv", conv)
-        y = tf.nn.relu(_bn(y, training, data_format, "bn", bn))
+        y = tf.nn.relu(_respond(_bn(y, training, data_format, "bn", bn), "conv"))
     for stage, filters in enumerate(STAGE_FILTERS):
         for k in range(n):
             strides = 2 if stage > 0 and k == 0 else 1

@@ -9,8 +9,9 @@ every run side by side. Tags:
 ``epoch/valid_loss`` ...   ``valid_loss``, ``valid_acc``, ``lr``,
                            ``images_per_sec``), at the epoch's last step
 ``weights/<variable>``     histogram of each kernel, once per epoch
-``grad_norm/<variable>``   L2 norm of each kernel's gradient on one training
-                           batch, once per epoch
+``grad_norm/<layer>``      L2 norm of each kernel's gradient on the probe batch
+                           (the history's ``grad_norm``, resnet_graph.probes),
+                           once per epoch
 ``grad_norm/global``       L2 norm of all of them together
 =========================  ===================================================
 
@@ -43,21 +44,15 @@ class RunSummaries:
 
     def attach(self, total_loss, variables, scope_prefix: str = "model/") -> None:
         """Add the once-per-epoch ops to the default graph (before it is finalised)."""
+        del total_loss   # the gradient norms come from the probe (see epoch)
         kernels = [v for v in variables if v.op.name.endswith("/kernel")]
         if not kernels:
             return
-        grads = tf.gradients(total_loss, kernels)
         summaries = []
-        for v, g in zip(kernels, grads):
+        for v in kernels:
             name = v.op.name[len(scope_prefix):] if v.op.name.startswith(scope_prefix) \
                 else v.op.name
             summaries.append(tf1.summary.histogram(f"weights/{name}", v))
-            if g is not None:
-                summaries.append(tf1.summary.scalar(f"grad_norm/{name}",
-                                                    tf.norm(tf.cast(g, tf.float32))))
-        present = [tf.cast(g, tf.float32) for g in grads if g is not None]
-        if present:
-            summaries.append(tf1.summary.scalar("grad_norm/global", tf.linalg.global_norm(present)))
         self.coarse = tf1.summary.merge(summaries)
 
     def open(self, graph) -> None:
@@ -68,12 +63,19 @@ class RunSummaries:
         if self.writer is not None and global_step % self.every_steps == 0 and math.isfinite(loss):
             self.writer.add_summary(tf1.Summary(value=[_scalar("step/loss", loss)]), global_step)
 
-    def epoch(self, sess, global_step: int, row: dict, feed: dict) -> None:
-        """The epoch's history row, and the coarse summaries on the batch of ``feed``."""
+    def epoch(self, sess, global_step: int, row: dict, feed: dict, grad_norms=None) -> None:
+        """The epoch's history row, the coarse summaries on the batch of ``feed`` and the
+        gradient norms ``(layers, values)`` the probe measured (or None)."""
         if self.writer is None:
             return
         values = [_scalar(f"epoch/{k}", row[k]) for k in EPOCH_FIELDS
                   if k in row and math.isfinite(row[k])]
+        if grad_norms is not None:
+            layers, norms = grad_norms
+            values += [_scalar(f"grad_norm/{name}", v) for name, v in zip(layers, norms)
+                       if math.isfinite(v)]
+            if all(math.isfinite(v) for v in norms):
+                values.append(_scalar("grad_norm/global", math.sqrt(sum(v * v for v in norms))))
         self.writer.add_summary(tf1.Summary(value=values), global_step)
         if self.coarse is not None:
             self.writer.add_summary(sess.run(self.coarse, feed), global_step)

@@ -31,6 +31,7 @@ from .evaluate import Metrics, evaluate
 from .graph import MODEL_SCOPE
 from .inputs import epoch_order
 from .precision import check_runnable, gpu_available, resolve_data_format, resolve_precision
+from .probes import GRAD_NORM, GradientProbe, attach_gradient_probe
 from .progress import epoch_progress
 from .replicate import build_replicated_graph, tower_device_type
 from .runtime import describe_device, session_config
@@ -62,6 +63,9 @@ class Trainer:
 
     workers = 1   # processes that share each step (resnet_graph.distributed)
     summary_steps = 50   # TensorBoard: the step loss every this many steps
+    # The per-layer gradient norms of every epoch (history ``grad_norm``, probes.py); a
+    # switch for measuring what they cost (bench/gradflow_cost.py), on in every run.
+    record_gradients = True
 
     def __init__(self, cfg: TrainConfig, dataset: data.Cifar10, run_dir, history_path, *,
                  resume: bool = False, log: Callable[[str], None] = print,
@@ -97,6 +101,7 @@ class Trainer:
         self.best_acc = -math.inf       # best validation accuracy so far (from the history)
         self.best_epoch = 0
         self.summaries: Optional[RunSummaries] = None   # TensorBoard events
+        self.probe: Optional[GradientProbe] = None
 
     # -- lifecycle -----------------------------------------------------------------
     def run(self) -> Optional[Metrics]:
@@ -176,6 +181,8 @@ class Trainer:
         graph = tf.Graph()
         with graph.as_default():
             self.t = self.attach_train_graph()
+            if self.record_gradients:
+                self.probe = attach_gradient_probe(self.cfg, self.t, self.t.loss_scale)
             self.saver = checkpoint.make_saver()
             self.best_saver = checkpoint.make_saver(max_to_keep=1)
             self.summaries = self.make_summaries()
@@ -341,11 +348,17 @@ class Trainer:
             row.update(valid_loss=valid.loss, valid_acc=valid.accuracy)
         else:
             row.update(valid_loss=float("nan"), valid_acc=float("nan"))
+        matrices = {}
+        if self.probe is not None:
+            began = time.perf_counter()
+            matrices[GRAD_NORM] = (self.probe.layers, self.gradient_norms())
+            row["grad_norm_seconds"] = time.perf_counter() - began
         row["seconds"] = time.perf_counter() - start
-        history.append_epoch(self.history_path, self.cfg.name, row)
+        history.append_epoch(self.history_path, self.cfg.name, row, matrices)
         if self.summaries is not None:
             self.summaries.epoch(self.sess, epoch * self.steps_per_epoch, row,
-                                 {self.t.batch_index: 0, self.t.training: True})
+                                 {self.t.batch_index: 0, self.t.training: True},
+                                 matrices.get(GRAD_NORM))
         if row["valid_acc"] > self.best_acc:   # NaN (no validation split) never is
             self.best_acc, self.best_epoch = row["valid_acc"], epoch
             checkpoint.save_best(self.sess, self.best_saver, self.run_dir, epoch, row["valid_acc"])
@@ -356,6 +369,14 @@ class Trainer:
                  f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                  f"valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.4f}  "
                  f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_sec']:.0f} img/s")
+
+    def gradient_norms(self):
+        """Each weighted layer's gradient norm on the probe batch: the first
+        ``batch_size`` training images, unaugmented, in training mode (probes.py)."""
+        train = self.dataset.train
+        n = min(self.cfg.batch_size, len(train))
+        return self.sess.run(self.probe.norms,
+                             self.probe.feed(train.images[:n], train.labels[:n]))
 
     def after_train(self):
         """Test metrics of the final model and, when it differs, of the best-validation one

@@ -201,7 +201,7 @@ def test_a_failed_run_is_reported_and_the_rest_go_on(tiny_data_dir, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--models", "original,resnet"], "name models from"),
-    (["--models", "original,original"], "each model and each seed"),
+    (["--models", "original,original"], "each model, each seed"),
     (["--seeds", "0,x"], "not a comma-separated list"),
     (["--seeds", "1,1"], "distinct seeds"),
 ])

@@ -46,7 +46,16 @@ def test_events_hold_epochs_steps_weights_and_gradients(tiny_data_dir, tmp_path)
     assert [s for s, _ in scalars["step/loss"]] == [3, 6, 9]
     assert "weights/stem/conv/kernel" in histograms
     assert "weights/dense/kernel" in histograms
+    # The gradient norms are the history's grad_norm (the probe's), layer by layer.
+    layers, norms = run.labels["grad_norm"], run.matrices["grad_norm"]
+    assert len(layers) == 8 and layers[-1] == "dense"
+    for i, layer in enumerate(layers):
+        points = scalars[f"grad_norm/{layer}"]
+        assert [s for s, _ in points] == steps
+        np.testing.assert_allclose([v for _, v in points], norms[:, i], rtol=1e-6)
     assert [s for s, _ in scalars["grad_norm/global"]] == steps
-    assert all(v > 0 for _, v in scalars["grad_norm/stage3/block1/conv2/kernel"])
+    np.testing.assert_allclose([v for _, v in scalars["grad_norm/global"]],
+                               np.sqrt((norms ** 2).sum(axis=1)), rtol=1e-5)
+    assert (norms > 0).all()
     convs = [t for t in histograms if t.startswith("weights/") and t.endswith("/kernel")]
     assert len(convs) == 8   # 7 convolutions + the dense layer at depth 8
