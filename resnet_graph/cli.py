@@ -396,28 +396,69 @@ def eval_cmd(run_dir, split, batch_size, best, precision, data_dir, plot_dir, tt
         click.echo(f"  {name:<12}{acc:.4f}")
 
 
+@cli.command(cls=TFCommand)
+@click.option("--ckpt", "run_dir", required=True,
+              type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Run folder written by 'resnet-graph train' (or experiment).")
+@click.option("--best", is_flag=True,
+              help="Measure the best-validation checkpoint (writes responses-best.json).")
+@click.option("--batch-size", type=int, default=500, show_default=True, callback=_positive)
+@EVAL_PRECISION
+@DATA_DIR
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def responses(run_dir, best, batch_size, precision, data_dir, as_json):
+    """Layer responses (He et al. 2015, Fig. 7): the standard deviation of every 3x3
+    convolution's response on the test set, written to RUN_DIR/responses.json.
+
+    The response is the output of the convolution's batch norm, before the addition
+    and the ReLU (original, plain, and the stem of every model); preact has no batch
+    norm after its block convolutions, so there it is the convolution's own output,
+    the residual function before the addition. 'resnet-graph plot' draws them.
+    """
+    from .analysis import layer_responses
+    result = layer_responses(run_dir, best=best, data_dir=data_dir, batch_size=batch_size,
+                             precision=precision)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{result['run']}: {len(result['layers'])} 3x3 convolutions, "
+               f"{result['examples']} test images ({result['checkpoint']} checkpoint)")
+    for layer in result["layers"]:
+        click.echo(f"  {layer['index']:>3}  {layer['name']:<24} std {layer['std']:.4f}")
+
+
 @cli.command()
 @click.argument("histories", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
               default="figures", show_default=True, help="Folder for the PNG files.")
 @click.option("--runs", "run_list", help="Comma-separated run names to draw (default: all).")
-def plot(histories, out, run_list):
-    """Draw loss and accuracy curves of every run in HISTORY.h5 files."""
+@click.option("--responses", "response_paths", multiple=True,
+              type=click.Path(exists=True, path_type=pathlib.Path),
+              help="responses.json files (or run folders holding one) to draw as "
+                   "responses.png; repeatable. By default the responses.json of every drawn "
+                   "run whose folder sits beside its history file.")
+def plot(histories, out, run_list, response_paths):
+    """Draw loss, accuracy, error (He et al. Fig. 6), gradient-norm and layer-response
+    (Fig. 7) figures of the runs in HISTORY.h5 files."""
     from .history import read_history
-    from .plotting import plot_runs
+    from .plotting import plot_runs, read_responses
     selected = [r.strip() for r in run_list.split(",") if r.strip()] if run_list else None
-    runs = []
+    runs, found = [], []
     for path in histories:
         available = read_history(path)
         if selected is not None:
             available = [r for r in available if r.name in selected]
         runs.extend(available)
+        found += [path.parent / r.name / "responses.json" for r in available]
     if selected is not None:
         missing = sorted(set(selected) - {r.name for r in runs})
         if missing:
             raise UserError(f"no run named {', '.join(missing)} in the given histories")
-    for path in plot_runs(runs, out):
+    files = [p / "responses.json" if p.is_dir() else p for p in response_paths] or \
+        [p for p in found if p.is_file()]
+    responses = [read_responses(p) for p in files]
+    for path in plot_runs(runs, out, responses):
         click.echo(str(path))
 
 

@@ -25,6 +25,7 @@ from . import checkpoint, history
 from .config import RUN_FACTS, TrainConfig, canonical_model
 from .errors import TrainingInterrupted, UserError
 from .fsutil import atomic_write_text
+from .stats import paired_difference
 
 HISTORY_FILE = "histories.h5"
 REPORT_MD = "report.md"
@@ -152,6 +153,8 @@ class RunRow:
     params: Optional[int]
     best_valid_acc: float
     best_epoch: Optional[int]
+    final_train_loss: float
+    final_train_acc: float
     final_valid_acc: float
     test_acc: float
     best_test_acc: float
@@ -170,7 +173,7 @@ def run_row(run: Optional[history.Run], cfg: TrainConfig, status: str,
     nan = float("nan")
     if run is None:
         return RunRow(cfg.name, cfg.model, cfg.depth, cfg.seed, status, 0, params, nan, None,
-                      nan, nan, nan, 0.0, nan, "", "")
+                      nan, nan, nan, nan, nan, 0.0, nan, "", "")
     cols, attrs = run.columns, run.attrs
     valid = np.asarray(cols["valid_acc"], dtype=np.float64)
     has_valid = bool(np.isfinite(valid).any())
@@ -182,6 +185,8 @@ def run_row(run: Optional[history.Run], cfg: TrainConfig, status: str,
         params=params,
         best_valid_acc=float(valid[best_i]) if has_valid else nan,
         best_epoch=int(cols["epoch"][best_i]) if has_valid else None,
+        final_train_loss=float(cols["train_loss"][-1]) if run.epochs else nan,
+        final_train_acc=float(cols["train_acc"][-1]) if run.epochs else nan,
         final_valid_acc=float(valid[-1]) if run.epochs else nan,
         test_acc=float(attrs.get("test_acc", nan)),
         best_test_acc=float(attrs.get("best_test_acc", attrs.get("test_acc", nan))),
@@ -243,8 +248,8 @@ def _duration(seconds) -> str:
     return f"{minutes:.1f} min" if minutes < 120 else f"{minutes / 60:.2f} h"
 
 
-SUMMARY_FIELDS = ("best_valid_acc", "final_valid_acc", "test_acc", "best_test_acc",
-                  "wall_clock_seconds", "images_per_sec")
+SUMMARY_FIELDS = ("best_valid_acc", "final_train_loss", "final_train_acc", "final_valid_acc",
+                  "test_acc", "best_test_acc", "wall_clock_seconds", "images_per_sec")
 
 
 def group_key(row: RunRow, rows: Sequence[RunRow]) -> str:
@@ -263,6 +268,8 @@ def summarise(rows: Sequence[RunRow]) -> dict:
         done = [r for r in runs if r.status == "finished"]
         summary[model] = {f: dict(zip(("mean", "std", "n"), mean_std(getattr(r, f) for r in done)))
                           for f in SUMMARY_FIELDS}
+        summary[model]["model"] = runs[0].model
+        summary[model]["depth"] = runs[0].depth
         summary[model]["runs"] = len(runs)
         summary[model]["finished"] = len(done)
         summary[model]["params"] = runs[0].params
@@ -270,10 +277,98 @@ def summarise(rows: Sequence[RunRow]) -> dict:
     return summary
 
 
-def format_report(rows: Sequence[RunRow], configs: Sequence[TrainConfig], command: str) -> str:
+# What the comparisons compare: errors (1 - accuracy) of the finished runs.
+COMPARED = (("test_error", "test_acc"), ("train_error", "final_train_acc"))
+
+
+def comparisons(rows: Sequence[RunRow]) -> list:
+    """Paired differences of errors between groups that share seeds: at each depth,
+    every later model minus every earlier one (in --models order); for each model,
+    every depth minus the next shallower one. Each with its 95% t interval (n - 1
+    degrees of freedom), or "one seed: not resolved"."""
+    done = [r for r in rows if r.status == "finished"]
+    models = list(dict.fromkeys(r.model for r in rows))
+    depths = sorted({r.depth for r in rows})
+
+    def values(model, depth, field):
+        return {r.seed: 1.0 - getattr(r, field) for r in done
+                if r.model == model and r.depth == depth}
+
+    pairs = [("model", (a, d), (b, d)) for d in depths
+             for i, a in enumerate(models) for b in models[i + 1:]]
+    pairs += [("depth", (m, d0), (m, d1)) for m in models for d0, d1 in zip(depths, depths[1:])]
+    out = []
+    for kind, (ma, da), (mb, db) in pairs:
+        for metric, field in COMPARED:
+            diff = paired_difference(values(mb, db, field), values(ma, da, field))
+            if diff is None:
+                continue
+            out.append({"kind": kind, "a": f"{ma}-{da}", "b": f"{mb}-{db}", "metric": metric,
+                        "difference": diff.mean, "low": diff.low, "high": diff.high,
+                        "level": diff.level, "seeds": list(diff.seeds), "n": diff.n,
+                        "resolved": diff.resolved, "verdict": diff.verdict()})
+    return out
+
+
+def _signed_pct(value) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:+.2f}"
+
+
+def _comparison_cell(c: dict) -> str:
+    if c["n"] < 2:
+        return f"{_signed_pct(c['difference'])} (one seed: not resolved)"
+    return (f"{_signed_pct(c['difference'])} [{_signed_pct(c['low'])}, {_signed_pct(c['high'])}]"
+            f" n={c['n']}: {'resolved' if c['resolved'] else 'not resolved'}")
+
+
+def _error_lines(summary: dict) -> list:
+    """One row per model and depth: the errors of the degradation question, in %."""
+    lines = ["## Errors by model and depth", "",
+             "Errors in % (100 - accuracy): training error and loss of the last epoch (on the "
+             "augmented batches, as trained), validation error of the last epoch, test error of "
+             "the final weights; best validation accuracy of any epoch.", "",
+             "| model | depth | runs | final train loss | final train error | "
+             "final valid error | test error | best valid acc | wall-clock |",
+             "|" + " --- |" * 9]
+    for s in summary.values():
+        def err(field):
+            m = s[field]
+            return _pct(1.0 - m["mean"], m["std"]) if m["n"] else "-"
+        lines.append(
+            f"| {s['model']} | {s['depth']} | {s['finished']}/{s['runs']} | "
+            f"{_plain(s['final_train_loss']['mean'], s['final_train_loss']['std'], '{:.4f}')} | "
+            f"{err('final_train_acc')} | {err('final_valid_acc')} | {err('test_acc')} | "
+            f"{_pct(s['best_valid_acc']['mean'], s['best_valid_acc']['std'])} | "
+            f"{_duration(s['wall_clock_seconds']['mean'])} |")
+    return lines
+
+
+def _comparison_lines(compared: list) -> list:
+    if not compared:
+        return []
+    lines = ["", "## Paired differences", "",
+             "Differences of error in percentage points (b - a; negative: b has the lower "
+             "error), over the seeds both have, with the 95% t interval (n - 1 degrees of "
+             "freedom). A difference is resolved when its interval excludes 0; with one seed "
+             "there is no interval and nothing is resolved.", "",
+             "| a | b | test error b - a | train error b - a |", "| --- | --- | --- | --- |"]
+    by_pair = {}
+    for c in compared:
+        by_pair.setdefault((c["kind"], c["a"], c["b"]), {})[c["metric"]] = c
+    for (kind, a, b), metrics in by_pair.items():
+        cells = [_comparison_cell(metrics[m]) if m in metrics else "-"
+                 for m, _ in COMPARED]
+        lines.append(f"| {a} | {b} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def format_report(rows: Sequence[RunRow], configs: Sequence[TrainConfig], command: str,
+                  figures: Sequence[str] = ("loss.png", "accuracy.png")) -> str:
     cfg = configs[0]
     summary = summarise(rows)
-    lines = [f"# Experiment: {cfg.recipe} recipe, depth {cfg.depth}", ""]
+    depths = sorted({c.depth for c in configs})
+    lines = [f"# Experiment: {cfg.recipe} recipe, depth{'s' if len(depths) > 1 else ''} "
+             f"{', '.join(map(str, depths))}", ""]
     if command:
         lines += ["```", command, "```", ""]
     devices = sorted({r.device for r in rows if r.device})
@@ -307,7 +402,9 @@ def format_report(rows: Sequence[RunRow], configs: Sequence[TrainConfig], comman
                 f"{_pct(r.final_valid_acc)} | {_pct(r.test_acc)} | {_pct(r.best_test_acc)} | "
                 f"{_duration(r.wall_clock_seconds)} | {_plain(r.images_per_sec)} | "
                 f"{r.precision or '-'} |")
-    lines += ["", "Figures: [loss.png](loss.png), [accuracy.png](accuracy.png)."]
+    lines += [""] + _error_lines(summary) + _comparison_lines(comparisons(rows))
+    if figures:
+        lines += ["", "Figures: " + ", ".join(f"[{f}]({f})" for f in figures) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -315,20 +412,25 @@ def write_report(out, configs: Sequence[TrainConfig], *, command: str = "",
                  guard: bool = True) -> dict:
     """Draw the runs and write report.md and report.json; return the report as a dict.
     ``guard``: as in history.read_history (False for the history an experiment wrote)."""
-    from .plotting import plot_runs
+    from .plotting import plot_runs, read_responses
     out = pathlib.Path(out)
     rows = collect(out, configs, parameter_counts(configs), guard=guard)
     path = out / HISTORY_FILE
     names = [r.name for r in rows if r.epochs]
     runs = history.read_history(path, names, guard=False) if names else []
-    figures = [str(p) for p in plot_runs(runs, out)] if names else []
-    atomic_write_text(out / REPORT_MD, format_report(rows, configs, command))
+    responses = [read_responses(out / n / "responses.json") for n in names
+                 if (out / n / "responses.json").is_file()]
+    figures = [str(p) for p in plot_runs(runs, out, responses)] if names else []
+    atomic_write_text(out / REPORT_MD, format_report(rows, configs, command,
+                                                     [pathlib.Path(f).name for f in figures]))
     run_objects = [_json_ready(dataclasses.asdict(r)) for r in rows]
     models = _json_ready(summarise(rows))
     for model, entry in models.items():   # each model with its per-seed runs and summary
         entry["per_seed"] = [o for r, o in zip(rows, run_objects) if group_key(r, rows) == model]
-    report = {"recipe": configs[0].recipe, "depth": configs[0].depth, "command": command,
-              "runs": run_objects, "models": models, "figures": figures,
+    depths = sorted({c.depth for c in configs})
+    report = {"recipe": configs[0].recipe, "depth": configs[0].depth, "depths": depths,
+              "command": command, "runs": run_objects, "models": models,
+              "comparisons": _json_ready(comparisons(rows)), "figures": figures,
               "report": str(out / REPORT_MD)}
     atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=2))
     return report

@@ -24,14 +24,20 @@ DPI = 100
 MARKER_MAX_EPOCHS = 25  # draw point markers when a run has at most this many epochs
 
 
-def plot_runs(runs: Sequence[Run], out_dir) -> list[Path]:
+def plot_runs(runs: Sequence[Run], out_dir, responses: Sequence[dict] = ()) -> list[Path]:
     """Write the plots of ``runs`` into ``out_dir`` and return the written paths.
 
     Always ``loss.png`` and ``accuracy.png`` (train solid, validation dashed,
-    one colour per run); ``lr.png`` when a run has a learning rate; and, for
-    more than one run, ``final_accuracy.png``: the test accuracy per run when
-    every run has one, else the last validation accuracy. Runs without
-    finished epochs are left out; HistoryError when nothing is left to plot.
+    one colour per model, or per model and depth when a model has several
+    depths: the seeds of one model share it); ``error.png``, He et al.'s
+    Fig. 6 (error against epoch, training dashed and validation bold, one panel
+    per model family, one colour per depth); ``lr.png`` when a run has a
+    learning rate; ``grad_norm.png`` when runs recorded gradient norms (each
+    layer's, first and last epoch); for more than one run,
+    ``final_accuracy.png``: the test accuracy per run when every run has one,
+    else the last validation accuracy; and with ``responses`` (the objects of
+    responses.json files), ``responses.png`` (Fig. 7). Runs without finished
+    epochs are left out; HistoryError when nothing is left to plot.
     """
     runs = list(runs)
     if not runs:
@@ -44,12 +50,20 @@ def plot_runs(runs: Sequence[Run], out_dir) -> list[Path]:
             "plot again after the first epoch"
         )
     out = _prepare_folder(out_dir)
-    colours = _colours(len(plotted))
+    keys = _group_keys(plotted)
+    palette = dict(zip(dict.fromkeys(keys), _colours(len(set(keys)))))
+    colours = [palette[k] for k in keys]
 
     written = [
-        _write_png(_loss_figure(plotted, colours), out / "loss.png"),
-        _write_png(_accuracy_figure(plotted, colours), out / "accuracy.png"),
+        _write_png(_loss_figure(plotted, colours, keys), out / "loss.png"),
+        _write_png(_accuracy_figure(plotted, colours, keys), out / "accuracy.png"),
+        _write_png(_error_figure(plotted), out / "error.png"),
     ]
+    grad_figure = _grad_norm_figure(plotted)
+    if grad_figure is not None:
+        written.append(_write_png(grad_figure, out / "grad_norm.png"))
+    if responses:
+        written.append(_write_png(_responses_figure(list(responses)), out / "responses.png"))
     lr_figure = _lr_figure(plotted, colours)
     if lr_figure is not None:
         written.append(_write_png(lr_figure, out / "lr.png"))
@@ -65,25 +79,25 @@ def plot_runs(runs: Sequence[Run], out_dir) -> list[Path]:
 # --------------------------------------------------------------------------
 
 
-def _loss_figure(runs: list[Run], colours: list) -> Figure:
+def _loss_figure(runs: list[Run], colours: list, keys: list) -> Figure:
     fig, ax = _new_axes()
     markers = _use_markers(runs)
-    for run, colour in zip(runs, colours):
-        _curve(ax, run, "train_loss", colour, "-", f"{run.name} train", markers=markers)
-        _curve(ax, run, "valid_loss", colour, "--", f"{run.name} valid", markers=markers)
+    for run, colour, label in zip(runs, colours, _first_labels(keys)):
+        _curve(ax, run, "train_loss", colour, "-", label and f"{label} train", markers=markers)
+        _curve(ax, run, "valid_loss", colour, "--", label and f"{label} valid", markers=markers)
     ax.set_title("Loss per epoch (train solid, validation dashed)")
     ax.set_ylabel("cross-entropy loss")
     _finish_epoch_axes(ax, runs)
     return fig
 
 
-def _accuracy_figure(runs: list[Run], colours: list) -> Figure:
+def _accuracy_figure(runs: list[Run], colours: list, keys: list) -> Figure:
     fig, ax = _new_axes()
     markers = _use_markers(runs)
-    for run, colour in zip(runs, colours):
-        _curve(ax, run, "train_acc", colour, "-", f"{run.name} train", markers=markers,
+    for run, colour, label in zip(runs, colours, _first_labels(keys)):
+        _curve(ax, run, "train_acc", colour, "-", label and f"{label} train", markers=markers,
                scale=100.0)
-        _curve(ax, run, "valid_acc", colour, "--", f"{run.name} valid", markers=markers,
+        _curve(ax, run, "valid_acc", colour, "--", label and f"{label} valid", markers=markers,
                scale=100.0)
     ax.set_title("Accuracy per epoch (train solid, validation dashed)")
     ax.set_ylabel("accuracy (%)")
@@ -156,9 +170,161 @@ def _final_accuracy_figure(runs: list[Run], colours: list) -> Figure | None:
     return fig
 
 
+def _error_figure(runs: list[Run]) -> Figure:
+    """He et al. 2015, Fig. 6: error (%) per epoch, training dashed and validation
+    bold, one panel per model family (shared axes), one colour per depth; the final
+    test error of a run as a star at its last epoch."""
+    families = list(dict.fromkeys(_model_of(run) for run in runs))
+    depths = sorted({d for d in (_depth_of(run) for run in runs) if d is not None})
+    palette = dict(zip(depths, _colours(len(depths))))
+    fig = Figure(figsize=(5.0 * len(families) + 1.0, 4.8), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(families), sharex=True, sharey=True, squeeze=False)[0]
+    markers = _use_markers(runs)
+    for ax, family in zip(axes, families):
+        members = [run for run in runs if _model_of(run) == family]
+        labelled = set()
+        for run in members:
+            depth = _depth_of(run)
+            colour = palette.get(depth, "grey")
+            label = None if depth in labelled else (f"{depth} layers" if depth else run.name)
+            labelled.add(depth)
+            x = run.columns["epoch"]
+            for column, style, width in (("train_acc", "--", 1.2), ("valid_acc", "-", 2.4)):
+                y = 100.0 * (1.0 - np.asarray(run.columns[column], dtype=np.float64))
+                ax.plot(x, np.where(np.isfinite(y), y, np.nan), linestyle=style,
+                        linewidth=width, color=colour, marker="o" if markers else None,
+                        markersize=2.5, label=label if column == "valid_acc" else None)
+            test = _finite_or_none(run.attrs.get("test_acc"))
+            if test is not None:
+                ax.plot([x[-1]], [100.0 * (1.0 - test)], marker="*", markersize=11,
+                        color=colour, linestyle="none")
+        ax.set_title(_family_title(family))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right", fontsize="small", title="depth", framealpha=0.85)
+    axes[0].set_ylabel("error (%)")
+    fig.suptitle("Error per epoch: training dashed, validation bold, test error of the final "
+                 "weights starred", fontsize=10)
+    return fig
+
+
+def _grad_norm_figure(runs: list[Run]) -> Figure | None:
+    """Each weighted layer's gradient norm (history ``grad_norm``) against the layer
+    index, at the first epoch (dashed) and the last (solid); one panel per model
+    family, one colour per depth (or run), log scale."""
+    with_grads = [run for run in runs if "grad_norm" in run.matrices
+                  and np.isfinite(run.matrices["grad_norm"]).any()]
+    if not with_grads:
+        return None
+    families = list(dict.fromkeys(_model_of(run) for run in with_grads))
+    keys = [(_depth_of(run) or run.name) for run in with_grads]
+    palette = dict(zip(dict.fromkeys(keys), _colours(len(set(keys)))))
+    fig = Figure(figsize=(5.0 * len(families) + 1.0, 4.8), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    for ax, family in zip(axes, families):
+        labelled = set()
+        for run, key in zip(with_grads, keys):
+            if _model_of(run) != family:
+                continue
+            norms = run.matrices["grad_norm"]
+            rows = [i for i in range(len(norms)) if np.isfinite(norms[i]).all()]
+            if not rows:
+                continue
+            layers = np.arange(1, norms.shape[1] + 1)
+            label = None if key in labelled else (f"{key} layers" if isinstance(key, int)
+                                                  else str(key))
+            labelled.add(key)
+            first, last = rows[0], rows[-1]
+            epochs = run.columns["epoch"]
+            ax.plot(layers, norms[first], linestyle="--", linewidth=1.2, color=palette[key],
+                    marker=".", label=None if label is None else
+                    f"{label}, epoch {int(epochs[first])}")
+            if last != first:
+                ax.plot(layers, norms[last], linestyle="-", linewidth=1.8, color=palette[key],
+                        marker=".", label=None if label is None else
+                        f"{label}, epoch {int(epochs[last])}")
+        ax.set_yscale("log")
+        ax.set_title(_family_title(family))
+        ax.set_xlabel("layer (1 = first convolution; last = dense)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="best", fontsize="x-small", framealpha=0.85)
+    axes[0].set_ylabel("gradient norm of the layer's kernel")
+    fig.suptitle("Gradient norm per layer on the probe batch: first epoch dashed, last solid",
+                 fontsize=10)
+    return fig
+
+
+def _responses_figure(responses: list[dict]) -> Figure:
+    """He et al. 2015, Fig. 7: the std of each 3x3 layer's response, in layer order
+    (top) and sorted by magnitude (bottom); one line per run, plain nets dashed."""
+    fig = Figure(figsize=(9.0, 7.5), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1)
+    colours = _colours(len(responses))
+    for entry, colour in zip(responses, colours):
+        stds = np.array([layer["std"] for layer in entry["layers"]], dtype=np.float64)
+        x = np.arange(1, len(stds) + 1)
+        style = "--" if entry.get("model") == "plain" else "-"
+        label = entry.get("run", "?")
+        top.plot(x, stds, linestyle=style, color=colour, linewidth=1.4, label=label)
+        bottom.plot(x, np.sort(stds)[::-1], linestyle=style, color=colour, linewidth=1.4,
+                    label=label)
+    top.set_xlabel("layer index (3x3 convolutions in network order)")
+    bottom.set_xlabel("index (sorted by magnitude)")
+    for ax in (top, bottom):
+        ax.set_ylabel("std of the response")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small", ncol=2, framealpha=0.85)
+    top.set_title("Standard deviation of the layer responses on the test set "
+                  "(after batch norm, before addition and ReLU; plain dashed)")
+    return fig
+
+
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
+
+
+def _model_of(run: Run) -> str:
+    model = run.attrs.get("config", {}).get("model")
+    return str(model) if model else run.name
+
+
+def _depth_of(run: Run) -> int | None:
+    depth = run.attrs.get("config", {}).get("depth")
+    return int(depth) if isinstance(depth, (int, float)) and not isinstance(depth, bool) else None
+
+
+def _family_title(model: str) -> str:
+    return {"plain": "plain", "original": "ResNet (original)",
+            "preact": "ResNet (pre-activation)"}.get(model, model)
+
+
+def _group_keys(runs: list[Run]) -> list[str]:
+    """One key per run: its name without the ``-s<seed>`` that ``experiment`` appends
+    (so the seeds of one model and depth share a colour and a legend entry), else
+    its own name."""
+    keys = []
+    for run in runs:
+        seed = run.attrs.get("config", {}).get("seed")
+        suffix = f"-s{seed}" if isinstance(seed, int) and not isinstance(seed, bool) else None
+        keys.append(run.name[: -len(suffix)] if suffix and run.name.endswith(suffix)
+                    and len(run.name) > len(suffix) else run.name)
+    return keys
+
+
+def _first_labels(keys: list[str]) -> list:
+    """The legend label of each run: its group's key for the first run of the group,
+    None for the others (one legend entry per group and split)."""
+    seen, labels = set(), []
+    for key in keys:
+        labels.append(None if key in seen else key)
+        seen.add(key)
+    return labels
+
 
 
 def _new_axes(figsize=FIGSIZE):
@@ -225,6 +391,24 @@ def _finite_or_none(value) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def read_responses(path) -> dict:
+    """A responses.json written by ``resnet-graph responses``; UserError if it is not one."""
+    import json
+    path = Path(path)
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        stds = [float(layer["std"]) for layer in entry["layers"]]
+        if not stds or not all(math.isfinite(v) and v >= 0 for v in stds):
+            raise ValueError("no finite standard deviations")
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; run 'resnet-graph responses --ckpt "
+                        "RUN_DIR' first") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} is not a responses.json of resnet-graph responses "
+                        f"({' '.join(str(exc).split())[:120]})") from None
+    return entry
 
 
 def _prepare_folder(out_dir) -> Path:
