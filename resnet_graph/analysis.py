@@ -21,10 +21,9 @@ import pathlib
 
 import numpy as np
 
-from . import checkpoint, data, fetch
+from . import checkpoint
 from .config import TrainConfig
-from .errors import UserError
-from .evaluate import open_run
+from .evaluate import open_run, run_split
 from .fsutil import atomic_write_text
 from .probes import response_moments, response_tensors
 
@@ -39,12 +38,7 @@ def layer_responses(run_dir, *, best: bool = False, data_dir=None, batch_size: i
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
-    checkpoint.require_latest(run_dir, best=best)   # before loading the data
-    folder = fetch.find_data_dir(data_dir, saved_dir=saved.get("data_dir"), progress=False)
-    test = data.load_cifar10(folder, valid_size=cfg.valid_size,
-                             train_examples=cfg.train_examples, seed=cfg.seed).test
-    if len(test) == 0:
-        raise UserError(f"the test split in {folder} is empty; point --data-dir at CIFAR-10")
+    test = run_split(run_dir, "test", data_dir=data_dir, best=best)
     with open_run(run_dir, best=best, precision=precision) as (sess, tensors, _):
         with sess.graph.as_default():
             layers = response_tensors(sess.graph)

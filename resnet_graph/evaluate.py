@@ -129,13 +129,9 @@ def open_run(run_dir, *, best: bool = False, precision=None, images_from=None,
             yield sess, tensors, front
 
 
-def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
-                 data_dir=None, best: bool = False, plot_dir=None,
-                 precision: str = "auto", flip: bool = False) -> Metrics:
-    """Evaluate ``split`` with the latest (with ``best``, best-validation)
-    checkpoint of ``run_dir`` (see :func:`open_run`) in ``precision`` (``auto``:
-    the run's), with ``flip`` averaged over each image and its mirror; with
-    ``plot_dir``, also draw the confusion matrix and example predictions there."""
+def run_split(run_dir, split: str, *, data_dir=None, best: bool = False) -> data.Split:
+    """The ``split`` (test, valid, train) of the data ``run_dir`` was trained on, split as
+    it was; first checks that the run has the checkpoint that will be read."""
     run_dir = pathlib.Path(run_dir)
     saved = checkpoint.read_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
@@ -145,8 +141,20 @@ def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
                                 train_examples=cfg.train_examples, seed=cfg.seed)
     chosen = {"test": dataset.test, "valid": dataset.valid, "train": dataset.train}[split]
     if len(chosen) == 0:
-        raise DataError(f"run {run_dir.name} has no {split} split (valid-size 0); "
-                        "use --split test")
+        raise DataError(f"run {run_dir.name} has no {split} split"
+                        f"{' (valid-size 0); use --split test' if split == 'valid' else ''}")
+    return chosen
+
+
+def evaluate_run(run_dir, *, split: str = "test", batch_size: int = 500,
+                 data_dir=None, best: bool = False, plot_dir=None,
+                 precision: str = "auto", flip: bool = False) -> Metrics:
+    """Evaluate ``split`` with the latest (with ``best``, best-validation)
+    checkpoint of ``run_dir`` (see :func:`open_run`) in ``precision`` (``auto``:
+    the run's), with ``flip`` averaged over each image and its mirror; with
+    ``plot_dir``, also draw the confusion matrix and example predictions there."""
+    run_dir = pathlib.Path(run_dir)
+    chosen = run_split(run_dir, split, data_dir=data_dir, best=best)
     with open_run(run_dir, best=best, precision=precision) as (sess, tensors, _):
         metrics = evaluate(sess, tensors, chosen, batch_size=batch_size, name=split,
                            keep_predictions=plot_dir is not None, flip=flip)
