@@ -452,22 +452,26 @@ def bench(model, depth, batch_size, steps, warmup, optimizer, augment, input_mod
 @click.option("--grace", type=click.FloatRange(min=0), default=15.0, show_default=True,
               help="Seconds a task gets to stop (after a failure or the chief's exit) "
                    "before it is killed.")
+@click.option("--share-gpus", is_flag=True,
+              help="When there are fewer GPUs than the tasks need (one per --devices each), "
+                   "let every task use all of them instead of refusing.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def launch_local_cmd(workers, ps, grace, command):
+def launch_local_cmd(workers, ps, grace, share_gpus, command):
     """Run `resnet-graph COMMAND...` as a cluster of processes on this machine.
 
     Example: resnet-graph launch-local --workers 2 -- train original --epochs 2
 
-    Each task gets a TF_CONFIG with free loopback ports; output lines are
-    prefixed with the task name; when one task fails the others are stopped;
-    the exit status is the chief's.
+    Each task gets a TF_CONFIG with free loopback ports and its own GPU(s)
+    (CUDA_VISIBLE_DEVICES) when there are enough; output lines are prefixed
+    with the task name; when one task fails the others are stopped; the exit
+    status is the chief's.
     """
     from .launch import launch_local
     if ps:
         raise click.UsageError("--ps: training averages gradients with collective all-reduce "
                                "and uses no parameter servers; drop --ps")
     ctx = click.get_current_context()
-    ctx.exit(launch_local(list(command), workers, grace=grace))
+    ctx.exit(launch_local(list(command), workers, grace=grace, share_gpus=share_gpus))
 
 
 @cli.command(cls=TFCommand)

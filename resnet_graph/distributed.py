@@ -277,8 +277,9 @@ class DistributedTrainer(Trainer):
                                    devices=self.devices, device_type=self.device_type,
                                    shard=(c.rank, c.workers), reduce=self.reducer,
                                    device_prefix=c.device_prefix)
-        with tf.device(c.device_prefix + "/device:CPU:0"):
+        with tf.device(c.device_prefix + "/device:CPU:0"), tf1.name_scope("sync"):
             self.sync_op, self.fingerprints = self._broadcast_from_chief()
+        with tf.device(c.device_prefix + "/device:CPU:0"), tf1.name_scope("barrier"):
             self.barrier = _all_reduce(tf.ones([1]), c.workers, BARRIER_KEY, "Id",
                                        c.worker_timeout)
         return t
@@ -288,14 +289,20 @@ class DistributedTrainer(Trainer):
         configuration fingerprint (slot ``rank``)."""
         c = self.cluster
         variables = tf1.global_variables()
-        own = [_flat(v.read_value() if c.is_chief else tf.zeros(v.shape, v.dtype.base_dtype),
-                     tf.float64) for v in variables]
+        own = []
+        for v in variables:    # read where the variable lives (a GPU's, docs/architecture.md)
+            with tf.device(v.device):
+                own.append(v.read_value() if c.is_chief else tf.zeros(v.shape, v.dtype.base_dtype))
+        own = [_flat(x, tf.float64) for x in own]
         slots = [0.0] * c.workers
         slots[c.rank] = float(config_fingerprint(self.cfg))
         packed = tf.concat(own + [tf.constant(slots, tf.float64)], 0)
         total = _all_reduce(packed, c.workers, SYNC_KEY, "Id", c.startup_timeout)
         parts = _split(total, [v.shape for v in variables] + [[c.workers]])
-        assigns = [v.assign(tf.cast(p, v.dtype.base_dtype)) for v, p in zip(variables, parts)]
+        assigns = []
+        for v, p in zip(variables, parts):
+            with tf.device(v.device):
+                assigns.append(v.assign(tf.cast(p, v.dtype.base_dtype)))
         return tf.group(*assigns), parts[-1]
 
     def make_summaries(self):
