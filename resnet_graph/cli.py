@@ -272,9 +272,14 @@ def train(model, recipe, out, history, resume, quiet, devices, cluster_file, wor
     cfg = _config(model, recipe, **options)
     cluster = find_cluster(cluster_file, worker_timeout=worker_timeout,
                            startup_timeout=startup_timeout)
+    # With --resume the run's own precision and layout hold, unless typed on purpose.
+    from click.core import ParameterSource
+    ctx = click.get_current_context()
+    switch = {key: options[key] for key in ("precision", "data_format")
+              if resume and ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE}
     result = train_run(cfg, data_dir=data_dir, out=out, history_path=history, resume=resume,
                        epochs_override=options["epochs"], quiet=quiet, log=click.echo,
-                       devices=devices, cluster=cluster)
+                       devices=devices, cluster=cluster, switch=switch)
     if not quiet and (cluster is None or cluster.is_chief):
         click.echo(f"run folder: {result['run_dir']}  history: {result['history']}")
 

@@ -210,9 +210,12 @@ class StepReducer:
         return parts[:n], dict(zip(names, parts[n:n + len(names)]))
 
 
-def config_fingerprint(cfg) -> int:
-    """A 31-bit checksum of everything that must agree between the tasks."""
-    return zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode()) & 0x7FFFFFFF
+def config_fingerprint(cfg, precision: str, data_format: str) -> int:
+    """A 31-bit checksum of everything that must agree between the tasks: the
+    options, with the precision and layout each task resolved (``auto`` may pick
+    fp16 on a task with a GPU and fp32 on one without)."""
+    options = dict(cfg.to_dict(), precision=precision, data_format=data_format)
+    return zlib.crc32(json.dumps(options, sort_keys=True).encode()) & 0x7FFFFFFF
 
 
 class Watchdog:
@@ -295,7 +298,7 @@ class DistributedTrainer(Trainer):
                 own.append(v.read_value() if c.is_chief else tf.zeros(v.shape, v.dtype.base_dtype))
         own = [_flat(x, tf.float64) for x in own]
         slots = [0.0] * c.workers
-        slots[c.rank] = float(config_fingerprint(self.cfg))
+        slots[c.rank] = float(config_fingerprint(self.cfg, self.precision, self.data_format))
         packed = tf.concat(own + [tf.constant(slots, tf.float64)], 0)
         total = _all_reduce(packed, c.workers, SYNC_KEY, "Id", c.startup_timeout)
         parts = _split(total, [v.shape for v in variables] + [[c.workers]])
@@ -351,8 +354,11 @@ class DistributedTrainer(Trainer):
             f"could not synchronise with the other tasks (not all of them started within "
             f"{c.startup_timeout:.0f} s, or they were started with other options)")
         if len(set(float(f) for f in fingerprints)) != 1:
-            raise UserError("the tasks were started with different training options (their "
-                            "configurations differ); start every task with the same options")
+            raise UserError("the tasks were started with different training options, or resolved "
+                            f"--precision/--data-format auto differently (this task: "
+                            f"{self.precision} {self.data_format}); start every task with the "
+                            "same options, on machines alike or with explicit --precision and "
+                            "--data-format")
         if not c.is_chief:
             self.restore_position()   # the chief's, just broadcast
         self.log(f"{c.name}: in sync with {c.workers - 1} other task(s); starting at epoch "
