@@ -30,6 +30,7 @@ from .graph import (
     train_tensors,
     training_loss,
     weight_decay_loss,
+    xla_scope,
 )
 from .inputs import training_input
 from .precision import loss_scaling_state, steps_taken
@@ -118,7 +119,7 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
     places = [_place(device_prefix, f"/device:{device_type}:{i}", variables_device)
               for i in range(devices)]
     towers, losses, training = [], [], None
-    with tf.xla.experimental.jit_scope() if cfg.xla else contextlib.nullcontext():
+    with xla_scope(cfg.xla):
         for i, place in enumerate(places):
             rows = slice(i * per_tower, (i + 1) * per_tower)
             reuse = tf1.AUTO_REUSE if i else None
