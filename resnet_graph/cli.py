@@ -546,16 +546,26 @@ def recipes(as_json):
 
 @cli.command(cls=TFCommand)
 @DATA_DIR
+@click.option("--check", is_flag=True,
+              help="Also run a few training steps of a small ResNet in every precision, "
+                   "layout and XLA setting and report for each whether it runs (else why "
+                   "not), its images/s and its losses against fp32's: the first thing to "
+                   "run on a new (GPU) machine.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def info(data_dir, as_json):
+def info(data_dir, check, as_json):
     """TensorFlow, devices, what --precision/--data-format auto pick, and the data folder."""
-    from .inspection import environment_info
+    from .inspection import environment_info, format_check, self_check
     facts = environment_info(data_dir)
+    if check:
+        facts["check"] = self_check()
     if as_json:
         click.echo(json.dumps(facts))
         return
     for key, value in facts.items():
-        click.echo(f"{key + ':':<22}{_cell(value)}")
+        if key != "check":
+            click.echo(f"{key + ':':<22}{_cell(value)}")
+    if check:
+        click.echo(format_check(facts["check"]))
 
 
 def _cell(value) -> str:
