@@ -1,6 +1,6 @@
 """Every Session the package opens gets the process's one session configuration
-(runtime.session_config): the kernel probe, training, evaluation, predict, export
-and bench alike. On a GPU the first session creates the allocator, so a single
+(runtime.session_config): the kernel probe, training, evaluation, predict, export,
+bench and info --check alike. On a GPU the first session creates the allocator, so a single
 session without these options (e.g. the probe) would map all the GPU's memory."""
 
 import numpy as np
@@ -10,7 +10,7 @@ import tensorflow as tf
 from resnet_graph import precision
 from resnet_graph.config import TrainConfig
 from resnet_graph.evaluate import evaluate_run
-from resnet_graph.inspection import benchmark
+from resnet_graph.inspection import benchmark, self_check
 from resnet_graph.runs import train_run
 from resnet_graph.runtime import session_config, usable_cores
 from resnet_graph.serving import export, predict
@@ -59,9 +59,10 @@ def test_every_session_of_train_eval_predict_export_bench_and_the_probe_gets_the
     export(run_dir, tmp_path / "exported")
     benchmark(TrainConfig(model="original", depth=8, batch_size=10), steps=1, warmup=0,
               num_images=20)
-    callers = {f.rsplit("/", 1)[-1] for f, _ in sessions}
-    # the probe (NCHW is probed), the trainer, eval/predict/export (open_run), bench
-    assert {"precision.py", "train.py", "evaluate.py", "inspection.py"} <= callers, callers
-    assert len(sessions) >= 6
+    self_check([("fp32", "NHWC", False)])     # info --check
+    callers = [f.rsplit("/", 1)[-1] for f, _ in sessions]
+    # the probe (NCHW is probed), the trainer, eval/predict/export (open_run), bench, check
+    assert {"precision.py", "train.py", "evaluate.py", "inspection.py"} <= set(callers), callers
+    assert callers.count("evaluate.py") == 3 and callers.count("inspection.py") == 2, callers
     bad = [(f, c) for f, c in sessions if not _same_options(c)]
     assert not bad, bad
