@@ -204,3 +204,39 @@ def test_launch_local_refuses_too_few_gpus_unless_asked_to_share(monkeypatch, tm
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")     # CUDA's "none"
     seen, _ = _launch_env(tmp_path, 2)
     assert seen == {"[worker:0]": "-1", "[worker:1]": "-1"}
+
+
+def _steps(trainer, initial=None, steps=3):
+    """Losses of ``steps`` training steps of the trainer's graph, run on this CPU (soft
+    placement moves ops asked for on a GPU to it), from the weights ``initial``."""
+    from resnet_graph.runtime import session_config
+    g = tf.Graph()
+    with g.as_default():
+        t = trainer.attach_train_graph()
+        model = [v for v in tf1.global_variables() if v.op.name.startswith("model/")]
+        init = tf1.global_variables_initializer()
+    config = session_config()
+    assert config.allow_soft_placement
+    ds = trainer.dataset
+    with tf1.Session(graph=g, config=config) as sess:
+        sess.run(init)
+        if initial is None:
+            initial = dict(zip([v.op.name for v in model], sess.run(model)))
+        for v in model:
+            v.load(initial[v.op.name], sess)
+        sess.run(t.load_data, {t.data_images: ds.train.images, t.data_labels: ds.train.labels})
+        losses = [sess.run([t.train_op, t.step_loss], {t.batch_index: i, t.training: True})[1]
+                  for i in range(steps)]
+    return losses, initial
+
+
+def test_the_graph_placed_for_a_gpu_trains_like_the_cpu_graph(monkeypatch, dataset, tmp_path):
+    cfg = _config(precision="fp32", ema_decay=0.0)
+    plain, initial = _steps(Trainer(cfg, dataset, tmp_path / "a", tmp_path / "h.h5"))
+    fake_gpus(monkeypatch, 1)
+    placed = Trainer(cfg, dataset, tmp_path / "b", tmp_path / "h.h5")
+    assert placed.device_type == "GPU"
+    losses, _ = _steps(placed, initial)
+    assert losses[0] == pytest.approx(plain[0], rel=1e-6)
+    assert losses == pytest.approx(plain, rel=1e-4)
+    assert plain[2] != pytest.approx(plain[0], rel=1e-3)    # the steps did train
