@@ -272,9 +272,14 @@ def train(model, recipe, out, history, resume, quiet, devices, cluster_file, wor
     cfg = _config(model, recipe, **options)
     cluster = find_cluster(cluster_file, worker_timeout=worker_timeout,
                            startup_timeout=startup_timeout)
+    # With --resume the run's own precision and layout hold, unless typed on purpose.
+    from click.core import ParameterSource
+    ctx = click.get_current_context()
+    switch = {key: options[key] for key in ("precision", "data_format")
+              if resume and ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE}
     result = train_run(cfg, data_dir=data_dir, out=out, history_path=history, resume=resume,
                        epochs_override=options["epochs"], quiet=quiet, log=click.echo,
-                       devices=devices, cluster=cluster)
+                       devices=devices, cluster=cluster, switch=switch)
     if not quiet and (cluster is None or cluster.is_chief):
         click.echo(f"run folder: {result['run_dir']}  history: {result['history']}")
 
@@ -520,22 +525,26 @@ def bench(model, depth, batch_size, steps, warmup, optimizer, augment, input_mod
 @click.option("--grace", type=click.FloatRange(min=0), default=15.0, show_default=True,
               help="Seconds a task gets to stop (after a failure or the chief's exit) "
                    "before it is killed.")
+@click.option("--share-gpus", is_flag=True,
+              help="When there are fewer GPUs than the tasks need (one per --devices each), "
+                   "let every task use all of them instead of refusing.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def launch_local_cmd(workers, ps, grace, command):
+def launch_local_cmd(workers, ps, grace, share_gpus, command):
     """Run `resnet-graph COMMAND...` as a cluster of processes on this machine.
 
     Example: resnet-graph launch-local --workers 2 -- train original --epochs 2
 
-    Each task gets a TF_CONFIG with free loopback ports; output lines are
-    prefixed with the task name; when one task fails the others are stopped;
-    the exit status is the chief's.
+    Each task gets a TF_CONFIG with free loopback ports and its own GPU(s)
+    (CUDA_VISIBLE_DEVICES) when there are enough; output lines are prefixed
+    with the task name; when one task fails the others are stopped; the exit
+    status is the chief's.
     """
     from .launch import launch_local
     if ps:
         raise click.UsageError("--ps: training averages gradients with collective all-reduce "
                                "and uses no parameter servers; drop --ps")
     ctx = click.get_current_context()
-    ctx.exit(launch_local(list(command), workers, grace=grace))
+    ctx.exit(launch_local(list(command), workers, grace=grace, share_gpus=share_gpus))
 
 
 @cli.command(cls=TFCommand)
@@ -605,16 +614,26 @@ def recipes(as_json):
 
 @cli.command(cls=TFCommand)
 @DATA_DIR
+@click.option("--check", is_flag=True,
+              help="Also run a few training steps of a small ResNet in every precision, "
+                   "layout and XLA setting and report for each whether it runs (else why "
+                   "not), its images/s and its losses against fp32's: the first thing to "
+                   "run on a new (GPU) machine.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def info(data_dir, as_json):
+def info(data_dir, check, as_json):
     """TensorFlow, devices, what --precision/--data-format auto pick, and the data folder."""
-    from .inspection import environment_info
+    from .inspection import environment_info, format_check, self_check
     facts = environment_info(data_dir)
+    if check:
+        facts["check"] = self_check()
     if as_json:
         click.echo(json.dumps(facts))
         return
     for key, value in facts.items():
-        click.echo(f"{key + ':':<22}{_cell(value)}")
+        if key != "check":
+            click.echo(f"{key + ':':<22}{_cell(value)}")
+    if check:
+        click.echo(format_check(facts["check"]))
 
 
 def _cell(value) -> str:

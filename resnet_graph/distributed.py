@@ -210,9 +210,12 @@ class StepReducer:
         return parts[:n], dict(zip(names, parts[n:n + len(names)]))
 
 
-def config_fingerprint(cfg) -> int:
-    """A 31-bit checksum of everything that must agree between the tasks."""
-    return zlib.crc32(json.dumps(cfg.to_dict(), sort_keys=True).encode()) & 0x7FFFFFFF
+def config_fingerprint(cfg, precision: str, data_format: str) -> int:
+    """A 31-bit checksum of everything that must agree between the tasks: the
+    options, with the precision and layout each task resolved (``auto`` may pick
+    fp16 on a task with a GPU and fp32 on one without)."""
+    options = dict(cfg.to_dict(), precision=precision, data_format=data_format)
+    return zlib.crc32(json.dumps(options, sort_keys=True).encode()) & 0x7FFFFFFF
 
 
 class Watchdog:
@@ -277,8 +280,9 @@ class DistributedTrainer(Trainer):
                                    devices=self.devices, device_type=self.device_type,
                                    shard=(c.rank, c.workers), reduce=self.reducer,
                                    device_prefix=c.device_prefix)
-        with tf.device(c.device_prefix + "/device:CPU:0"):
+        with tf.device(c.device_prefix + "/device:CPU:0"), tf1.name_scope("sync"):
             self.sync_op, self.fingerprints = self._broadcast_from_chief()
+        with tf.device(c.device_prefix + "/device:CPU:0"), tf1.name_scope("barrier"):
             self.barrier = _all_reduce(tf.ones([1]), c.workers, BARRIER_KEY, "Id",
                                        c.worker_timeout)
         return t
@@ -288,14 +292,20 @@ class DistributedTrainer(Trainer):
         configuration fingerprint (slot ``rank``)."""
         c = self.cluster
         variables = tf1.global_variables()
-        own = [_flat(v.read_value() if c.is_chief else tf.zeros(v.shape, v.dtype.base_dtype),
-                     tf.float64) for v in variables]
+        own = []
+        for v in variables:    # read where the variable lives (a GPU's, docs/architecture.md)
+            with tf.device(v.device):
+                own.append(v.read_value() if c.is_chief else tf.zeros(v.shape, v.dtype.base_dtype))
+        own = [_flat(x, tf.float64) for x in own]
         slots = [0.0] * c.workers
-        slots[c.rank] = float(config_fingerprint(self.cfg))
+        slots[c.rank] = float(config_fingerprint(self.cfg, self.precision, self.data_format))
         packed = tf.concat(own + [tf.constant(slots, tf.float64)], 0)
         total = _all_reduce(packed, c.workers, SYNC_KEY, "Id", c.startup_timeout)
         parts = _split(total, [v.shape for v in variables] + [[c.workers]])
-        assigns = [v.assign(tf.cast(p, v.dtype.base_dtype)) for v, p in zip(variables, parts)]
+        assigns = []
+        for v, p in zip(variables, parts):
+            with tf.device(v.device):
+                assigns.append(v.assign(tf.cast(p, v.dtype.base_dtype)))
         return tf.group(*assigns), parts[-1]
 
     def make_summaries(self):
@@ -344,8 +354,11 @@ class DistributedTrainer(Trainer):
             f"could not synchronise with the other tasks (not all of them started within "
             f"{c.startup_timeout:.0f} s, or they were started with other options)")
         if len(set(float(f) for f in fingerprints)) != 1:
-            raise UserError("the tasks were started with different training options (their "
-                            "configurations differ); start every task with the same options")
+            raise UserError("the tasks were started with different training options, or resolved "
+                            f"--precision/--data-format auto differently (this task: "
+                            f"{self.precision} {self.data_format}); start every task with the "
+                            "same options, on machines alike or with explicit --precision and "
+                            "--data-format")
         if not c.is_chief:
             self.restore_position()   # the chief's, just broadcast
         self.log(f"{c.name}: in sync with {c.workers - 1} other task(s); starting at epoch "

@@ -10,11 +10,18 @@ their stdout/stderr prefixed with the task name, and:
 - forwards SIGINT/SIGTERM to every task (a second one kills them);
 - returns the chief's status (128 + N if a signal N ended it).
 
+GPUs: each task gets its own ``--devices`` GPUs through ``CUDA_VISIBLE_DEVICES``
+(worker i the i-th group of the GPUs this process may use), said in the first
+line; when there are fewer GPUs than tasks need it refuses, unless
+``share_gpus`` gives every task all of them. Without GPUs the tasks train on
+the CPU as before.
+
 No TensorFlow here: the tasks import it.
 """
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -45,6 +52,69 @@ def tf_configs(workers: int, host: str = "127.0.0.1") -> List[dict]:
     addresses = [f"{host}:{p}" for p in free_ports(workers, host)]
     return [{"cluster": {"worker": addresses}, "task": {"type": "worker", "index": i}}
             for i in range(workers)]
+
+
+# One folder per GPU the NVIDIA driver knows (no TensorFlow or CUDA library needed).
+NVIDIA_GPUS_DIR = pathlib.Path("/proc/driver/nvidia/gpus")
+
+
+def visible_gpus(environ=None) -> List[str]:
+    """The GPUs a child process may use, as CUDA_VISIBLE_DEVICES entries: those of
+    ``CUDA_VISIBLE_DEVICES`` when it is set (CUDA stops at the first invalid entry,
+    e.g. -1; an empty value means none), else 0..n-1 for the n GPUs of the driver."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        try:
+            return [str(i) for i in range(len(list(NVIDIA_GPUS_DIR.iterdir())))]
+        except OSError:
+            return []
+    ids = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        ids.append(entry)
+    return ids
+
+
+def devices_option(command: Sequence[str]) -> int:
+    """The ``--devices N`` of a train command (1 when it is not given)."""
+    for i, arg in enumerate(command):
+        value = None
+        if arg == "--devices" and i + 1 < len(command):
+            value = command[i + 1]
+        elif arg.startswith("--devices="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                return max(int(value), 1)
+            except ValueError:
+                return 1    # the task itself reports the usage error
+    return 1
+
+
+def gpu_plan(workers: int, per_worker: int, gpus: Sequence[str], share: bool = False):
+    """(CUDA_VISIBLE_DEVICES of each task or None to leave it as it is, a note).
+
+    Each task gets its own ``per_worker`` GPUs when there are enough; else a
+    UserError, or with ``share`` every task gets all of them."""
+    if not gpus:
+        return [None] * workers, f"no GPU visible: {workers} task(s) on the CPU"
+    needed = workers * per_worker
+    if len(gpus) >= needed:
+        plan = [",".join(gpus[i * per_worker:(i + 1) * per_worker]) for i in range(workers)]
+        shown = ", ".join(f"worker:{i} CUDA_VISIBLE_DEVICES={v}" for i, v in enumerate(plan))
+        return plan, f"each task on its own GPU(s): {shown}"
+    if share and per_worker <= len(gpus):
+        every = ",".join(gpus)
+        return [every] * workers, (f"--share-gpus: all {workers} tasks share "
+                                   f"CUDA_VISIBLE_DEVICES={every}")
+    if share:
+        raise UserError(f"--devices {per_worker} needs {per_worker} GPUs per task, but only "
+                        f"{len(gpus)} are visible ({','.join(gpus)}); lower --devices")
+    raise UserError(f"{workers} tasks with --devices {per_worker} need {needed} GPUs, but "
+                    f"{len(gpus)} are visible ({','.join(gpus)}); lower --workers, or pass "
+                    "--share-gpus to let the tasks share them")
 
 
 def _exit_status(code: int) -> int:
@@ -78,14 +148,18 @@ def _pump(stream, prefix: str, out: TextIO, lock: threading.Lock) -> None:
 
 def launch_local(command: Sequence[str], workers: int, *, grace: float = 15.0,
                  stdout: Optional[TextIO] = None, stderr: Optional[TextIO] = None,
-                 python: Optional[str] = None) -> int:
-    """Run ``resnet-graph COMMAND...`` as ``workers`` tasks; return the chief's status."""
+                 python: Optional[str] = None, share_gpus: bool = False) -> int:
+    """Run ``resnet-graph COMMAND...`` as ``workers`` tasks; return the chief's status.
+
+    ``share_gpus``: when there are fewer GPUs than the tasks need, let them share
+    (else refuse; see :func:`gpu_plan`)."""
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     if not command:
         raise UserError("give the command to run after '--', e.g. -- train original --epochs 2")
+    gpus, gpu_note = gpu_plan(workers, devices_option(command), visible_gpus(), share_gpus)
     lock = threading.Lock()
 
     def note(text: str) -> None:
@@ -95,9 +169,12 @@ def launch_local(command: Sequence[str], workers: int, *, grace: float = 15.0,
 
     argv = [python or sys.executable, "-m", "resnet_graph.cli", *command]
     tasks: List[_Task] = []
+    note(gpu_note)
     try:
-        for config in tf_configs(workers):
+        for config, cuda in zip(tf_configs(workers), gpus):
             env = dict(os.environ, TF_CONFIG=json.dumps(config), PYTHONUNBUFFERED="1")
+            if cuda is not None:
+                env["CUDA_VISIBLE_DEVICES"] = cuda
             name = f"worker:{config['task']['index']}"
             task = _Task(name, argv, env)
             tasks.append(task)

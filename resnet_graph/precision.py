@@ -19,7 +19,14 @@ from typing import Optional
 import tensorflow as tf
 
 from .errors import UserError
-from .runtime import cpu_has_bf16, error_reason, gpu_count, onednn_enabled, stderr_silenced
+from .runtime import (
+    cpu_has_bf16,
+    error_reason,
+    gpu_count,
+    onednn_enabled,
+    session_config,
+    stderr_silenced,
+)
 
 tf1 = tf.compat.v1
 
@@ -111,7 +118,9 @@ def kernel_problem(data_format: str, precision: str, xla: bool = False) -> Optio
             grads = tf.gradients(loss, [kernel, x])
         init = tf1.global_variables_initializer()
     try:
-        with stderr_silenced(), tf1.Session(graph=g) as sess:
+        # The process's session options (runtime.session_config): on a GPU the first
+        # session creates the allocator, so a probe without them would map all its memory.
+        with stderr_silenced(), tf1.Session(graph=g, config=session_config()) as sess:
             sess.run(init)
             sess.run(grads)
     except (tf.errors.OpError, ValueError, TypeError) as e:

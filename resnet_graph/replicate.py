@@ -1,8 +1,11 @@
 """In-graph replication: the training graph of several towers and/or of one share
 of a multi-process step (docs/distributed.md).
 
-Tower i runs on ``/device:<device_type>:i``; the variables live on
-``/device:CPU:0``. The pieces (the model, the losses, the optimizer, the
+Tower i runs on ``/device:<device_type>:i``; the variables, the gradient
+average, the optimizer update, loss scaling and the weight average on the
+first tower's device (``/device:GPU:0`` when GPUs are visible, see
+docs/architecture.md); the input pipeline and the all-reduce across processes
+on the host's ``/device:CPU:0``. The pieces (the model, the losses, the optimizer, the
 update with its batch-norm statistics and loss scaling) are graph.py's; this
 module only places them, splits the batch and averages the gradients.
 """
@@ -27,6 +30,7 @@ from .graph import (
     train_tensors,
     training_loss,
     weight_decay_loss,
+    xla_scope,
 )
 from .inputs import training_input
 from .precision import loss_scaling_state, steps_taken
@@ -37,11 +41,11 @@ tf1 = tf.compat.v1
 
 def tower_device_type(devices: int) -> str:
     """Where ``devices`` towers run: ``GPU`` when GPUs are visible (and enough of
-    them), else ``CPU`` (logical CPU devices); one tower runs where TensorFlow
-    places it. UserError for fewer than one tower or more towers than GPUs."""
+    them), one tower included, else ``CPU`` (logical CPU devices). UserError for
+    fewer than one tower or more towers than GPUs."""
     if devices < 1:
         raise UserError(f"--devices must be at least 1, got {devices}")
-    gpus = gpu_count() if devices > 1 else 0
+    gpus = gpu_count()
     if 0 < gpus < devices:
         raise UserError(f"--devices {devices} but only {gpus} GPUs are visible; "
                         f"use --devices {gpus} or fewer")
@@ -77,11 +81,14 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         resnet_graph.distributed).
       device_prefix: ``/job:<job>/replica:0/task:<i>`` of this process, or "".
 
-    With one device, one process and no ``reduce`` this is the plain
-    single-device graph of graph.build_train_graph.
+    With one CPU device, one process and no ``reduce`` this is the plain
+    single-device graph of graph.build_train_graph, placed by TensorFlow.
 
     In-graph replication: tower i runs on ``/device:<device_type>:i`` with the
-    variables (created by tower 0, reused by the others) on ``/device:CPU:0``;
+    variables (created by tower 0, reused by the others), the gradient average,
+    the update, loss scaling and the weight average on tower 0's device; the
+    input pipeline (uint8 data variables, gather, augmentation) and the
+    all-reduce across processes (``reduce``, over gRPC) on the host CPU;
     each tower takes its slice of this process's rows of the global batch, its
     gradients are averaged with the others' (then across processes by
     ``reduce``) and applied once. Batch norm: every tower normalises with its
@@ -92,26 +99,27 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
     names (``images:0``, ``loss:0``, ...) are tower 0's, so evaluation feeds
     tower 0 alone; ``step_loss``/``step_accuracy`` are the global batch's.
     """
-    if devices == 1 and tuple(shard) == (0, 1) and reduce is None:
+    if devices == 1 and tuple(shard) == (0, 1) and reduce is None and device_type == "CPU":
         return build_train_graph(cfg, mean, std, num_train, precision=precision,
                                  data_format=data_format)
     rank, workers = shard
     check_batch_split(cfg.batch_size, devices, workers, error=ValueError)
     per_process = cfg.batch_size // workers
     per_tower = per_process // devices
-    variables_device = "/device:CPU:0"
+    host = device_prefix + "/device:CPU:0"
+    variables_device = f"/device:{device_type}:0"
     tf1.set_random_seed(cfg.seed)
-    with tf.device(device_prefix or None):
-        global_step = tf1.train.get_or_create_global_step()
     with tf.device(device_prefix + variables_device):
+        global_step = tf1.train.get_or_create_global_step()
         scaling = loss_scaling_state() if precision == "fp16" else None
         steps = steps_taken(global_step, scaling)
+    with tf.device(host):
         inp = training_input(cfg, num_train, steps, rank=rank, per_process=per_process)
     batch_images, batch_labels = inp.batch_images, inp.batch_labels
     places = [_place(device_prefix, f"/device:{device_type}:{i}", variables_device)
               for i in range(devices)]
     towers, losses, training = [], [], None
-    with tf.xla.experimental.jit_scope() if cfg.xla else contextlib.nullcontext():
+    with xla_scope(cfg.xla):
         for i, place in enumerate(places):
             rows = slice(i * per_tower, (i + 1) * per_tower)
             reuse = tf1.AUTO_REUSE if i else None
@@ -155,10 +163,12 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                     grads = [g / scale for g in grads]
                 deltas = [u.delta for u in statistics]
                 metrics = {"loss": step_loss, "accuracy": step_accuracy}
-                if reduce is not None:
+            if reduce is not None:
+                # On the host: the collective runs over gRPC between the processes.
+                with tf.device(host), tf1.name_scope("all_reduce"):
                     averaged, metrics = reduce(grads + deltas, metrics)
-                    grads, deltas = averaged[:len(grads)], averaged[len(grads):]
-                reduced.update(metrics)
+                grads, deltas = averaged[:len(grads)], averaged[len(grads):]
+            reduced.update(metrics)
             return grads, deltas
 
         with tf.device(device_prefix + variables_device):
@@ -166,7 +176,7 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                                          statistics, compute=compute)
     with tf.device(device_prefix + variables_device):
         train_op, ema = average_weights(cfg, train_op, global_step, applied)
-    with tf.device(device_prefix or None):
+    with tf.device(device_prefix + variables_device):
         tensors = train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
                                  step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])
     if ema is not None:

@@ -15,6 +15,7 @@ from . import checkpoint, data, fetch, history
 from .config import TrainConfig, check_batch_split
 from .distributed import DistributedTrainer
 from .errors import UserError
+from .precision import gpu_available, kernel_problem, resolve_data_format, resolve_precision
 from .train import Trainer
 
 
@@ -27,10 +28,47 @@ def _holds_a_run(run_dir: pathlib.Path) -> bool:
     return any(not checkpoint.is_leftover(p.name) for p in run_dir.iterdir())
 
 
+def resumed_config(saved: dict, switch: Optional[dict] = None) -> TrainConfig:
+    """The configuration a resumed run continues with: its config.json, with the
+    precision and layout that ``auto`` resolved to when the run started
+    (``resolved_precision``, ``resolved_data_format``), not what ``auto`` would pick
+    on this machine: a run started on a GPU in fp16 stays fp16, a CPU run stays fp32.
+
+    ``switch``: ``precision``/``data_format`` given with ``--resume`` on purpose, to
+    go on in another precision or layout (``auto``: this machine's choice)."""
+    cfg = TrainConfig.from_dict(saved)
+    cfg = cfg.replace(precision=saved.get("resolved_precision", cfg.precision),
+                      data_format=saved.get("resolved_data_format", cfg.data_format))
+    switch = switch or {}
+    if not switch:
+        return cfg
+    precision = resolve_precision(switch.get("precision", cfg.precision))
+    # A new precision without --data-format: the run's own layout option, resolved anew.
+    layout = switch.get("data_format", saved.get("data_format", "auto")
+                        if "precision" in switch else cfg.data_format)
+    return cfg.replace(precision=precision,
+                       data_format=resolve_data_format(layout, precision=precision))
+
+
+def check_resumable(name: str, cfg: TrainConfig) -> None:
+    """One UserError line when this machine cannot run the precision and layout the
+    run ``name`` was started with (see :func:`resumed_config`)."""
+    problem = kernel_problem(cfg.data_format, cfg.precision, cfg.xla)
+    if problem is None:
+        return
+    device = "GPU" if gpu_available() else "CPU (no GPU visible)"
+    raise UserError(f"run {name!r} trains in {cfg.precision} {cfg.data_format}"
+                    f"{' with XLA' if cfg.xla else ''} (resolved when it started, "
+                    f"config.json), which this {device}'s TensorFlow cannot run ({problem}); "
+                    "resume it on a machine that can, or go on here in this machine's "
+                    "precision and layout with --resume --precision auto --data-format auto")
+
+
 def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_path=None,
               resume: bool = False, epochs_override: Optional[int] = None,
               quiet: bool = False, log: Callable[[str], None] = print,
-              devices: Optional[int] = None, cluster=None) -> dict:
+              devices: Optional[int] = None, cluster=None,
+              switch: Optional[dict] = None) -> dict:
     """Start run ``cfg.name`` under ``out``, or continue it with ``resume``.
 
     A new run refuses a name that already has a run folder or a history group;
@@ -41,6 +79,8 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
     ``devices``: towers in this process (default 1, or the resumed run's).
     ``cluster``: a :class:`resnet_graph.distributed.Cluster` of several
     processes; only its chief touches ``out`` (docs/distributed.md).
+    ``switch``: with ``resume``, ``precision``/``data_format`` to go on in instead of
+    the run's own (see :func:`resumed_config`); ignored for a new run.
     """
     out = pathlib.Path(out)
     name = history.validate_run_name(cfg.name)
@@ -54,12 +94,13 @@ def train_run(cfg: TrainConfig, *, data_dir=None, out="checkpoints", history_pat
         # at start that every task has the same configuration.
         if resume and (run_dir / "config.json").is_file():
             saved = checkpoint.read_config(run_dir)
-            cfg = TrainConfig.from_dict(saved)
+            cfg = resumed_config(saved, switch)
     elif resume:
         if not (run_dir / "config.json").is_file():
             raise UserError(f"there is no run {name!r} in {out} to resume; drop --resume to start it")
         saved = checkpoint.read_config(run_dir)
-        cfg = TrainConfig.from_dict(saved)
+        cfg = resumed_config(saved, switch)
+        check_resumable(name, cfg)
     elif _holds_a_run(run_dir) or (
             history_path.exists() and history.has_run(history_path, name, guard=False)):
         raise UserError(f"run {name!r} already exists (in {run_dir} or {history_path}); "

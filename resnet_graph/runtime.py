@@ -137,7 +137,13 @@ def session_config(cpu_devices: int = 1):
     """A ConfigProto: soft placement (uint8 data variables stay on the CPU where a
     GPU kernel is missing), GPU memory grown on demand, and thread pools sized
     explicitly to the usable cores: on the 2-core CPU of docs/performance.md
-    that trained bf16 ResNet-32 1.2-1.5x faster than TensorFlow's defaults."""
+    that trained bf16 ResNet-32 1.2-1.5x faster than TensorFlow's defaults.
+
+    Every session of the process is opened with it (the kernel probe, training,
+    eval, predict, export, bench, ``info --check``; tests/test_session_config.py):
+    on a GPU the first session creates the allocator from its options, so one
+    session without them would map nearly all GPU memory and the others' growth
+    setting would be ignored."""
     tf1 = load_tensorflow().compat.v1
     cores = usable_cores()
     config = tf1.ConfigProto(allow_soft_placement=True, intra_op_parallelism_threads=cores,

@@ -210,7 +210,7 @@ class Trainer:
         init = self.build()
         prefix = checkpoint.latest(self.run_dir) if self.resume else None
         if prefix:
-            checkpoint.restore(self.sess, self.saver, prefix)
+            switched = self.restore_checkpoint(prefix, init)
             checkpoint.adopt_existing(self.saver, self.run_dir)
             checkpoint.adopt_existing(self.best_saver, self.run_dir / checkpoint.BEST_DIR)
             done = self.restore_position(prefix)
@@ -219,10 +219,15 @@ class Trainer:
             # a later --resume gets; the rest, the facts of the run's start included, stays),
             # and a run with epochs to go has no test results yet.
             saved = checkpoint.read_config(self.run_dir)
-            config = dict(saved, epochs=cfg.epochs)
+            config = dict(saved, epochs=cfg.epochs, **switched)
             if config != saved:
                 checkpoint.write_config_data(self.run_dir, config)
             unfinished = {key: None for key in history.FINAL_ATTRS} if done < cfg.epochs else {}
+            if switched:
+                unfinished.update(precision=self.precision, data_format=self.data_format)
+                self.log(f"{cfg.name} goes on in {self.precision} {self.data_format} (it trained "
+                         f"in {saved.get('resolved_precision')} "
+                         f"{saved.get('resolved_data_format')} until now)")
             history.set_attrs(self.history_path, cfg.name, status=None, failure=None,
                               config=config, **unfinished)
             self._best_from_history()
@@ -237,6 +242,40 @@ class Trainer:
                 history.truncate(self.history_path, cfg.name, 0)
         self.sess.run(self.t.load_data, {self.t.data_images: ds.train.images,
                                          self.t.data_labels: ds.train.labels})
+
+    def restore_checkpoint(self, prefix: str, init) -> dict:
+        """Restore ``prefix`` into the session; returns the new ``resolved_*`` entries
+        of config.json when the run goes on in another precision or layout than it
+        started with (``train --resume --precision/--data-format``), else {}.
+
+        fp16 checkpoints hold ``loss_scaling/*`` variables that other precisions' graphs
+        lack, and the reverse: such a switch restores every variable both have (the
+        rest keeps its initial value: a fresh loss scale) and carries the position,
+        so that steps fp16 skipped stay counted (steps taken = ``global_step`` +
+        ``loss_scaling/skipped_steps``; without loss scaling ``global_step`` alone).
+        """
+        saved = checkpoint.read_config(self.run_dir)
+        resolved = {"resolved_precision": self.precision, "resolved_data_format": self.data_format}
+        was = {key: saved.get(key, value) for key, value in resolved.items()}
+        if was == resolved:
+            checkpoint.restore(self.sess, self.saver, prefix)
+            return {}
+        self.sess.run(init)
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+            stored = reader.get_variable_to_shape_map()
+            with self.sess.graph.as_default():
+                for v in tf1.global_variables():
+                    if v.op.name in stored:
+                        v.load(reader.get_tensor(v.op.name), self.sess)
+                skipped = "loss_scaling/skipped_steps"
+                if self.t.skipped_steps is None and skipped in stored:
+                    self.t.global_step.load(reader.get_tensor("global_step")
+                                            + reader.get_tensor(skipped), self.sess)
+        except (tf.errors.OpError, ValueError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {prefix} does not fit this model "
+                                             f"({e}); was config.json edited?") from None
+        return resolved
 
     def restore_position(self, prefix: str = "the checkpoint") -> int:
         """Where the restored variables say the run is: the next epoch, the step in
