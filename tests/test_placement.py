@@ -12,6 +12,7 @@ from fake_gpus import fake_gpus
 from resnet_graph import data, launch, replicate
 from resnet_graph.config import TrainConfig
 from resnet_graph.distributed import DistributedTrainer, parse_cluster
+from resnet_graph.probes import attach_gradient_probe
 from resnet_graph.train import Trainer
 
 tf1 = tf.compat.v1
@@ -30,9 +31,11 @@ def _config(**kw):
 
 
 def _graph(trainer):
+    """The trainer's training graph with the gradient-norm probe, as Trainer.build makes it."""
     g = tf.Graph()
     with g.as_default():
-        trainer.attach_train_graph()
+        t = trainer.attach_train_graph()
+        attach_gradient_probe(trainer.cfg, t, t.loss_scale)
     return g
 
 
