@@ -7,8 +7,9 @@ The tools, each written once:
   flushed to disk, renamed over the target with ``os.replace`` and the folder
   is synced; a reader sees the old file or the new one, never half of one,
   and a kill at any moment leaves at most a temporary file behind.
-* :func:`replacing_folder`: the same for a folder of files written by a library
-  (a SavedModel): written beside the target, renamed into place when complete.
+* :func:`replacing_folder` and :func:`replace_folder`: the same for a folder (a
+  SavedModel, the extracted CIFAR-10 files): written beside the target, renamed into
+  place when complete, the folder it replaces removed only then.
 * :func:`exclusive_lock`: ``flock(LOCK_EX)`` on a lock file (the ``filelock``
   library), released when the block ends or the process dies. The lock file
   stays in place, so every waiter locks the same inode.
@@ -123,18 +124,43 @@ def replacing(path, *, suffix: str = ".tmp", mode: int | None = None) -> Iterato
     fsync_dir(path.parent)
 
 
+def replace_folder(new, path) -> None:
+    """Rename the folder ``new`` to ``path`` (on the same file system), replacing
+    whatever ``path`` holds, in one rename as readers see it.
+
+    rename(2) cannot replace a folder that has entries, so an existing ``path`` is
+    first moved aside into a hidden ``.<name>.*.old`` folder beside it, removed once
+    ``new`` is in place, and moved back if that rename fails (OSError propagates).
+    A kill in between leaves at most that hidden folder, and ``path`` either absent
+    or complete."""
+    new, path = Path(new), Path(path)
+    aside = None
+    if os.path.lexists(path):
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, aside / path.name)
+    try:
+        os.replace(new, path)
+    except OSError:
+        if aside is not None and not os.path.lexists(path):
+            os.replace(aside / path.name, path)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def replacing_folder(path) -> Iterator[Path]:
     """Yield a path (not yet created) beside ``path`` for a new folder; when the block
-    ends normally it is renamed to ``path``, which must be absent or an empty folder.
-    If the block raises, what it wrote is removed and ``path`` is left as it was; a
-    kill leaves at most a hidden ``.<name>.*.tmp`` folder beside it."""
+    ends normally it replaces ``path`` (:func:`replace_folder`). If the block raises,
+    what it wrote is removed and ``path`` is left as it was; a kill leaves at most a
+    hidden ``.<name>.*.tmp`` folder beside it."""
     path = Path(path)
     holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield holder / path.name
-        os.replace(holder / path.name, path)   # rename(2) replaces an empty folder
-        fsync_dir(path.parent)
+        replace_folder(holder / path.name, path)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
 
