@@ -37,6 +37,44 @@ import filelock
 _UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF)
 
 
+# Why a write fails that the user can act on, in the words of strerror(3).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EFBIG, errno.EIO)
+
+
+def write_failure_reason(error: BaseException, folder=None) -> str:
+    """Why writing into ``folder`` failed, in words ("no space left on device",
+    "read-only file system", "permission denied", ...).
+
+    From the error's errno, else from the text of its message (TensorFlow reports
+    ``<file>; No space left on device`` deep inside a "Graph execution error"),
+    else from the state of ``folder`` (no free blocks, mounted read-only, not
+    writable), else the message's own last words."""
+    code = getattr(error, "errno", None)
+    if code in _WRITE_ERRNOS:
+        return os.strerror(code).lower()
+    text = str(error)
+    for code in _WRITE_ERRNOS:
+        if os.strerror(code).lower() in text.lower():
+            return os.strerror(code).lower()
+    if folder is not None:
+        try:
+            st = os.statvfs(folder)
+            if st.f_flag & os.ST_RDONLY:
+                return os.strerror(errno.EROFS).lower()
+            if st.f_bavail == 0:
+                return os.strerror(errno.ENOSPC).lower()
+            if not os.access(folder, os.W_OK):
+                return os.strerror(errno.EACCES).lower()
+        except OSError:
+            pass
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    said = [line.rsplit("; ", 1)[-1] for line in lines if "; " in line]
+    return (said or lines or [type(error).__name__])[0]
+
+
 class LockBusy(Exception):
     """Another process (or another holder in this one) has the lock."""
 
