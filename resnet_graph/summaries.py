@@ -26,8 +26,9 @@ The file is a TFRecord file of ``Event`` records written in this process
 (``tf.io.TFRecordWriter``), not by ``tf.compat.v1.summary.FileWriter``, whose
 background thread reports a failed write as a traceback on stderr and then
 goes on: here a write that fails (a full disk) stops the run with one line
-that says why and what ``--resume`` then does, and the file is cut back to its
-last complete epoch.
+that says why and what ``--resume`` then does, and the file is cut back to what
+its last flush completed (after each epoch, and every ``flush_seconds`` within
+one), so it gives the space back and still reads.
 """
 
 import math
@@ -59,6 +60,7 @@ class RunSummaries:
     """Event files of one run in ``logdir``."""
 
     histogram_every = 10   # epochs between weight histograms (and after epoch 1)
+    flush_seconds = 30     # within an epoch, the step losses reach the file this often
 
     def __init__(self, logdir, every_steps: int = 50):
         self.logdir = pathlib.Path(logdir)
@@ -67,6 +69,7 @@ class RunSummaries:
         self.writer = None     # tf.io.TFRecordWriter of self.path, opened at the first step
         self.path = None
         self.complete = 0      # bytes of self.path up to its last successful flush
+        self.flushed_at = 0.0
         self.coarse = None   # merged gradient-norm summary op
         self.histograms = None   # merged weight-histogram summary op
 
@@ -101,6 +104,8 @@ class RunSummaries:
             self._start()
         if global_step % self.every_steps == 0 and math.isfinite(loss):
             self._add(tf1.Summary(value=[_scalar("step/loss", loss)]), global_step)
+            if time.monotonic() - self.flushed_at > self.flush_seconds:   # a long epoch
+                self._flush()
 
     def epoch(self, sess, global_step: int, row: dict, feed: dict) -> None:
         """The epoch's history row, and the coarse summaries on the batch of ``feed``
@@ -158,6 +163,7 @@ class RunSummaries:
         try:
             self.writer.flush()
             self.complete = os.path.getsize(self.path)
+            self.flushed_at = time.monotonic()
         except (tf.errors.OpError, OSError) as e:
             self._failed(e)
 

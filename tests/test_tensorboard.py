@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from resnet_graph import data, history
 from resnet_graph.config import TrainConfig
+from resnet_graph.summaries import RunSummaries
 from resnet_graph.train import Trainer
 
 tf1 = tf.compat.v1
@@ -143,3 +144,19 @@ def test_tensorboard_serves_the_runs_epoch_scalars_and_graph(tiny_run):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         proc.stdout.close()
+
+
+def test_step_losses_reach_the_file_within_a_long_epoch(tmp_path):
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.constant(1.0, name="c")
+    summaries = RunSummaries(tmp_path, every_steps=50)
+    summaries.open(graph)
+    assert not list(tmp_path.iterdir())        # nothing before the first step
+    summaries.step(1, 2.5)                     # creates the file: version and graph
+    summaries.flush_seconds = 0                # as if 30 s had passed since
+    summaries.step(50, 1.5)
+    records = list(tf1.train.summary_iterator(str(summaries.path)))   # read while open
+    assert [(e.step, v.simple_value) for e in records for v in e.summary.value] == [(50, 1.5)]
+    assert any(e.graph_def for e in records)
+    summaries.close()
