@@ -250,10 +250,11 @@ class Trainer:
                 f"precision {chosen(self.precision, cfg.precision)}, layout "
                 f"{chosen(self.data_format, cfg.data_format)}, XLA {'on' if cfg.xla else 'off'}; "
                 f"{describe_device()}; {towers}, {count(self.workers, 'worker')}")
-        if prefix:
-            done = self.start_epoch - 1
-            where = f" and step {self.start_step} of epoch {done + 1}" if self.start_step else ""
-            start = f"resuming {cfg.name} after epoch {done}{where} from {prefix}"
+        if prefix and self.start_step:   # a checkpoint written by a stop within an epoch
+            start = (f"resuming {cfg.name} at step {self.start_step} of epoch "
+                     f"{self.start_epoch} from {prefix}")
+        elif prefix:
+            start = f"resuming {cfg.name} after epoch {self.start_epoch - 1} from {prefix}"
         elif self.resume:
             start = f"resuming {cfg.name}: it has no checkpoint yet, so it starts at epoch 1"
         else:
