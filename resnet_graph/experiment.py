@@ -157,8 +157,8 @@ def describe_plan(out: pathlib.Path, configs: Sequence[TrainConfig]) -> list:
                      else " (no checkpoint yet: from epoch 1)")
         elif state == "lost":
             what += " from epoch 1 (its run folder is gone)"
-        lines.append(f"  [{i}/{len(configs)}] {cfg.name}: {what} ({cfg.epochs} epochs, "
-                     f"{cfg.recipe} recipe)")
+        lines.append(f"  [{i}/{len(configs)}] {cfg.name} ({cfg.epochs} epochs, {cfg.recipe} "
+                     f"recipe): {what}")
     return lines
 
 

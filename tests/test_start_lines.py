@@ -41,14 +41,14 @@ def test_a_run_and_an_experiment_say_what_they_will_do_before_they_start(tiny_da
     base = TrainConfig(depth=8, epochs=1, batch_size=50, valid_size=50)
     assert describe_plan(out, plan(base.replace(epochs=2), ["original", "plain"], [0])) == [
         f"experiment in {out}: 2 runs (1 to train, 1 to resume)",
-        "  [1/2] original-8-s0: to resume after epoch 1 (2 epochs, seed recipe)",
-        "  [2/2] plain-8-s0: to train (2 epochs, seed recipe)",
+        "  [1/2] original-8-s0 (2 epochs, seed recipe): to resume after epoch 1",
+        "  [2/2] plain-8-s0 (2 epochs, seed recipe): to train",
     ]
     logged = []
     run_experiment(plan(base, ["original"], [0]), out, data_dir=tiny_data_dir, quiet=True,
                    log=logged.append)
     assert logged[:3] == [f"experiment in {out}: 1 run (1 finished, kept)",
-                          "  [1/1] original-8-s0: finished, kept (1 epochs, seed recipe)",
+                          "  [1/1] original-8-s0 (1 epochs, seed recipe): finished, kept",
                           "[1/1] original-8-s0: finished, kept as it is"]
 
     result = invoke("train", "original", "--resume", "--name", "original-8-s0", "--epochs", "2",
