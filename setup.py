@@ -22,6 +22,9 @@ setup(
         "tqdm",
         "Pillow",
         "PyYAML",
+        # `tensorboard --logdir checkpoints` (README): TensorFlow no longer installs it.
+        # Bounded like TensorFlow, whose release it follows.
+        "tensorboard>=2.16,<2.22",
     ],
     # `make test` also runs the linters (ruff.toml, .importlinter).
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "ruff", "import-linter"]},

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from .config import CONFIG_FILE, TrainConfig
 from .errors import CheckpointError, first_line
-from .fsutil import LockBusy, atomic_write_text, exclusive_lock, temp_pattern
+from .fsutil import LockBusy, atomic_write_text, exclusive_lock, temp_pattern, write_failure_reason
 
 tf1 = tf.compat.v1
 
@@ -35,7 +35,36 @@ def write_config(run_dir, cfg: TrainConfig, **extra) -> None:
 
 def write_config_data(run_dir, data: dict) -> None:
     """Replace config.json with ``data`` (atomically: a reader sees the old or the new)."""
-    atomic_write_text(pathlib.Path(run_dir) / CONFIG_FILE, json.dumps(data, indent=2, sort_keys=True))
+    path = pathlib.Path(run_dir) / CONFIG_FILE
+    try:
+        atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
+    except OSError as e:
+        raise CheckpointError(f"could not write {path}: {write_failure_reason(e, run_dir)}; "
+                              "it is unchanged: free space (or make the folder writable) and "
+                              "run the same command again") from None
+
+
+def resume_advice(run_dir, reason: str = "") -> str:
+    """What to do after a failed write into ``run_dir`` for ``reason`` (see
+    fsutil.write_failure_reason), and what ``--resume`` then does: go on from the latest
+    checkpoint, which it names, or start again from epoch 1 when there is none yet."""
+    if "space" in reason or "quota" in reason:
+        fix = "free space"
+    elif "read-only" in reason or "permission" in reason or "not permitted" in reason:
+        fix = f"make {run_dir} writable"
+    else:
+        fix = "fix that"
+    prefix = latest(run_dir)
+    if prefix is None:
+        return (f"no checkpoint of this run exists yet: {fix}, then --resume starts it "
+                "again from epoch 1")
+    try:
+        n = epochs_done(run_dir)
+        done = f" ({n} epoch{'' if n == 1 else 's'} done)"
+    except CheckpointError:
+        done = ""
+    return (f"the previous checkpoint {pathlib.Path(prefix).name}{done} is intact: {fix}, "
+            "then --resume continues from it")
 
 
 def epochs_done(run_dir) -> Optional[int]:
@@ -101,10 +130,16 @@ def save_best(sess, saver, run_dir, epoch: int, valid_acc: float) -> str:
     best checkpoint in place; best.json (for people and reports) follows it.
     """
     folder = pathlib.Path(run_dir) / BEST_DIR
-    folder.mkdir(exist_ok=True)
-    prefix = save(sess, saver, folder, epoch)
-    atomic_write_text(folder / BEST_INFO, json.dumps(
-        {"epoch": epoch, "valid_acc": valid_acc, "checkpoint": pathlib.Path(prefix).name}))
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise _write_error(folder, e, run_dir) from None
+    prefix = save(sess, saver, folder, epoch, run_root=run_dir)
+    try:
+        atomic_write_text(folder / BEST_INFO, json.dumps(
+            {"epoch": epoch, "valid_acc": valid_acc, "checkpoint": pathlib.Path(prefix).name}))
+    except OSError as e:
+        raise _write_error(folder, e, run_dir) from None
     return prefix
 
 
@@ -124,15 +159,22 @@ def make_saver(max_to_keep: int = 3):
                            save_relative_paths=True)
 
 
-def save(sess, saver, run_dir, step: int) -> str:
-    """Write a checkpoint; on a write failure the previous one stays the latest."""
+def save(sess, saver, run_dir, step: int, *, run_root=None) -> str:
+    """Write a checkpoint; on a write failure the previous one stays the latest, and
+    the CheckpointError says why it failed and what --resume of the run folder
+    ``run_root`` (default ``run_dir``) then does."""
     try:
         with sess.graph.as_default():  # Saver would take the eager path outside its graph
             return saver.save(sess, str(pathlib.Path(run_dir) / CHECKPOINT_PREFIX),
                               global_step=step, write_meta_graph=False)
     except (tf.errors.OpError, OSError) as e:
-        raise CheckpointError(f"could not write a checkpoint in {run_dir} ({first_line(e)}); "
-                              "the previous checkpoint is intact: free space and --resume") from None
+        raise _write_error(run_dir, e, run_root or run_dir) from None
+
+
+def _write_error(folder, error, run_root) -> CheckpointError:
+    reason = write_failure_reason(error, folder)
+    return CheckpointError(f"could not write a checkpoint in {folder}: {reason}; "
+                           f"{resume_advice(run_root, reason)}")
 
 
 def adopt_existing(saver, folder) -> None:

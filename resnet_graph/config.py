@@ -192,7 +192,7 @@ RECIPES = {
     # measurements): Nesterov SGD, peak lr 0.2 after a 2-epoch linear warm-up,
     # cosine to 0, batch 128, weight decay 5e-4, label smoothing 0.1,
     # pad+crop+flip, 45k/5k split, 30 epochs. Every other option stays off
-    # unless the ablation of bench/ablation.sh measured it to help (the rule
+    # unless the ablation of experiments/ablation.sh measured it to help (the rule
     # and the table are in docs/results.md): the peak rate of 0.2 did
     # (+0.81 points, both seeds; it was 0.1 until then).
     "fast": dict(optimizer="momentum", momentum=0.9, nesterov=True, lr=0.2, epochs=30,

@@ -112,6 +112,8 @@ def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet:
     for cfg in configs:   # every run that is there, before any is trained
         if run_state(out, cfg, guard=False) in ("finished", "failed", "partial"):
             check_same_setup(out, cfg)
+    for line in describe_plan(out, configs):
+        log(line)
     for i, cfg in enumerate(configs, 1):
         state = run_state(out, cfg, guard=False)
         where = f"[{i}/{len(configs)}] {cfg.name}"
@@ -137,6 +139,33 @@ def run_experiment(configs: Sequence[TrainConfig], out, *, data_dir=None, quiet:
                 f"{str(e).split(';')[0]}; run the same experiment command again to continue "
                 "(finished runs are kept)", e.signal_number) from None
     return write_report(out, configs, command=command, guard=False)
+
+
+PLANNED = {"new": "to train", "partial": "to resume", "lost": "to train again",
+           "finished": "finished, kept", "failed": "failed, kept"}
+
+
+def describe_plan(out: pathlib.Path, configs: Sequence[TrainConfig]) -> list:
+    """What :func:`run_experiment` is about to do, before it trains anything: a header
+    and one line per run (train, resume after epoch k, train again, keep)."""
+    states = [run_state(out, cfg, guard=False) for cfg in configs]
+    counts = ", ".join(f"{states.count(s)} {PLANNED[s]}" for s in PLANNED if s in states)
+    lines = [f"experiment in {out}: {len(configs)} run{'' if len(configs) == 1 else 's'} "
+             f"({counts})"]
+    for i, (cfg, state) in enumerate(zip(configs, states), 1):
+        what = PLANNED[state]
+        if state == "partial":
+            try:
+                done = checkpoint.epochs_done(out / cfg.name)
+            except UserError:
+                done = None
+            what += (f" after epoch {done}" if done is not None
+                     else " (no checkpoint yet: from epoch 1)")
+        elif state == "lost":
+            what += " from epoch 1 (its run folder is gone)"
+        lines.append(f"  [{i}/{len(configs)}] {cfg.name} ({cfg.epochs} epochs, {cfg.recipe} "
+                     f"recipe): {what}")
+    return lines
 
 
 # -- the report ---------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from resnet_graph import __version__, data
+from resnet_graph import __version__, data, fsutil
 from resnet_graph.data import BIN_FOLDER, HINT_DATA_DIR, TEST_FILE, TRAIN_FILES
 from resnet_graph.errors import DataError
 
@@ -198,17 +198,7 @@ def download_cifar10(
                 f"{_HINT_DOWNLOAD}"
             )
         target = cache / BIN_FOLDER
-        previous = workdir / "previous"
-        if os.path.lexists(target):
-            # os.replace cannot overwrite a non-empty folder: move the old one
-            # into the work folder (removed below) first, and back on failure.
-            os.replace(target, previous)
-        try:
-            os.replace(extracted, target)
-        except OSError:
-            if os.path.lexists(previous) and not os.path.lexists(target):
-                os.replace(previous, target)
-            raise
+        fsutil.replace_folder(extracted, target)   # an incomplete folder there goes
         return target
     except DataError:
         raise

@@ -7,8 +7,9 @@ The tools, each written once:
   flushed to disk, renamed over the target with ``os.replace`` and the folder
   is synced; a reader sees the old file or the new one, never half of one,
   and a kill at any moment leaves at most a temporary file behind.
-* :func:`replacing_folder`: the same for a folder of files written by a library
-  (a SavedModel): written beside the target, renamed into place when complete.
+* :func:`replacing_folder` and :func:`replace_folder`: the same for a folder (a
+  SavedModel, the extracted CIFAR-10 files): written beside the target, renamed into
+  place when complete, the folder it replaces removed only then.
 * :func:`exclusive_lock`: ``flock(LOCK_EX)`` on a lock file (the ``filelock``
   library), released when the block ends or the process dies. The lock file
   stays in place, so every waiter locks the same inode.
@@ -34,6 +35,44 @@ import filelock
 # fsync of a folder is not supported everywhere (some network and FUSE file
 # systems); that is no error of the write.
 _UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF)
+
+
+# Why a write fails that the user can act on, in the words of strerror(3).
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EFBIG, errno.EIO)
+
+
+def write_failure_reason(error: BaseException, folder=None) -> str:
+    """Why writing into ``folder`` failed, in words ("no space left on device",
+    "read-only file system", "permission denied", ...).
+
+    From the error's errno, else from the text of its message (TensorFlow reports
+    ``<file>; No space left on device`` deep inside a "Graph execution error"),
+    else from the state of ``folder`` (no free blocks, mounted read-only, not
+    writable), else the message's own last words."""
+    code = getattr(error, "errno", None)
+    if code in _WRITE_ERRNOS:
+        return os.strerror(code).lower()
+    text = str(error)
+    for code in _WRITE_ERRNOS:
+        if os.strerror(code).lower() in text.lower():
+            return os.strerror(code).lower()
+    if folder is not None:
+        try:
+            st = os.statvfs(folder)
+            if st.f_flag & os.ST_RDONLY:
+                return os.strerror(errno.EROFS).lower()
+            if st.f_bavail == 0:
+                return os.strerror(errno.ENOSPC).lower()
+            if not os.access(folder, os.W_OK):
+                return os.strerror(errno.EACCES).lower()
+        except OSError:
+            pass
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    said = [line.rsplit("; ", 1)[-1] for line in lines if "; " in line]
+    return (said or lines or [type(error).__name__])[0]
 
 
 class LockBusy(Exception):
@@ -123,18 +162,43 @@ def replacing(path, *, suffix: str = ".tmp", mode: int | None = None) -> Iterato
     fsync_dir(path.parent)
 
 
+def replace_folder(new, path) -> None:
+    """Rename the folder ``new`` to ``path`` (on the same file system), replacing
+    whatever ``path`` holds, in one rename as readers see it.
+
+    rename(2) cannot replace a folder that has entries, so an existing ``path`` is
+    first moved aside into a hidden ``.<name>.*.old`` folder beside it, removed once
+    ``new`` is in place, and moved back if that rename fails (OSError propagates).
+    A kill in between leaves at most that hidden folder, and ``path`` either absent
+    or complete."""
+    new, path = Path(new), Path(path)
+    aside = None
+    if os.path.lexists(path):
+        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, aside / path.name)
+    try:
+        os.replace(new, path)
+    except OSError:
+        if aside is not None and not os.path.lexists(path):
+            os.replace(aside / path.name, path)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def replacing_folder(path) -> Iterator[Path]:
     """Yield a path (not yet created) beside ``path`` for a new folder; when the block
-    ends normally it is renamed to ``path``, which must be absent or an empty folder.
-    If the block raises, what it wrote is removed and ``path`` is left as it was; a
-    kill leaves at most a hidden ``.<name>.*.tmp`` folder beside it."""
+    ends normally it replaces ``path`` (:func:`replace_folder`). If the block raises,
+    what it wrote is removed and ``path`` is left as it was; a kill leaves at most a
+    hidden ``.<name>.*.tmp`` folder beside it."""
     path = Path(path)
     holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield holder / path.name
-        os.replace(holder / path.name, path)   # rename(2) replaces an empty folder
-        fsync_dir(path.parent)
+        replace_folder(holder / path.name, path)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
 

@@ -231,8 +231,6 @@ class Trainer:
             history.set_attrs(self.history_path, cfg.name, status=None, failure=None,
                               config=config, **unfinished)
             self._best_from_history()
-            where = f" and step {self.start_step} of epoch {done + 1}" if self.start_step else ""
-            self.log(f"resuming {cfg.name} after epoch {done}{where} from {prefix}")
         else:
             self.sess.run(init)
             self._write_config()
@@ -242,6 +240,41 @@ class Trainer:
                 history.truncate(self.history_path, cfg.name, 0)
         self.sess.run(self.t.load_data, {self.t.data_images: ds.train.images,
                                          self.t.data_labels: ds.train.labels})
+        for line in self.describe_start(prefix):
+            self.log(line)
+
+    def describe_start(self, prefix: Optional[str] = None) -> list:
+        """What this run is, in two lines for its log before the first step: the model,
+        recipe, length, what ``auto`` resolved, the devices; the data, the run folder and
+        history, and where it starts (``prefix``: the checkpoint it resumed from)."""
+        cfg, ds = self.cfg, self.dataset
+
+        def chosen(value, asked):
+            return f"{value} (auto)" if asked == "auto" else value
+
+        def count(n, what):
+            return f"{n} {what}{'' if n == 1 else 's'}"
+
+        towers = count(self.devices, "tower") + (
+            f" on {self.device_type} devices" if self.devices > 1 else "")
+        what = (f"{cfg.name}: {cfg.model} depth {cfg.depth}, {cfg.recipe} recipe, "
+                f"{cfg.epochs} epochs x {self.steps_per_epoch} steps of {cfg.batch_size} images; "
+                f"precision {chosen(self.precision, cfg.precision)}, layout "
+                f"{chosen(self.data_format, cfg.data_format)}, XLA {'on' if cfg.xla else 'off'}; "
+                f"{describe_device()}; {towers}, {count(self.workers, 'worker')}")
+        if prefix and self.start_step:   # a checkpoint written by a stop within an epoch
+            start = (f"resuming {cfg.name} at step {self.start_step} of epoch "
+                     f"{self.start_epoch} from {prefix}")
+        elif prefix:
+            start = f"resuming {cfg.name} after epoch {self.start_epoch - 1} from {prefix}"
+        elif self.resume:
+            start = f"resuming {cfg.name}: it has no checkpoint yet, so it starts at epoch 1"
+        else:
+            start = f"{cfg.name}: a new run, starting at epoch 1"
+        where = (f"{len(ds.train)} training / {len(ds.valid)} validation / {len(ds.test)} test "
+                 f"images from {ds.data_dir}; run folder {self.run_dir}, history "
+                 f"{self.history_path}")
+        return [what, f"{start}; {where}"]
 
     def restore_checkpoint(self, prefix: str, init) -> dict:
         """Restore ``prefix`` into the session; returns the new ``resolved_*`` entries

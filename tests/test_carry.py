@@ -1,4 +1,4 @@
-"""bench/carry.py: the snapshot of an experiment folder that long runs carry across machines."""
+"""experiments/carry.py: the snapshot of an experiment folder that long runs carry across machines."""
 
 import importlib.util
 import json
@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def carry():
-    spec = importlib.util.spec_from_file_location("carry", ROOT / "bench" / "carry.py")
+    spec = importlib.util.spec_from_file_location("carry", ROOT / "experiments" / "carry.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -143,7 +143,7 @@ def test_a_snapshot_without_checkpoints_restores_the_history_only(carry, tmp_pat
 
 def test_a_finished_run_without_checkpoints_restores_its_config_and_evaluations(carry, tmp_path):
     # A fresh clone's snapshot of finished runs: `experiment` keeps them by the history, and
-    # bench/finals.sh skips an evaluation whose JSON is there, so these files must come back.
+    # experiments/finals.sh skips an evaluation whose JSON is there, so these files must come back.
     from resnet_graph import history
 
     snap = tmp_path / "snap"

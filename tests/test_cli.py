@@ -36,6 +36,7 @@ def trained(tmp_path_factory):
     result = invoke("train", "proposed", *TINY, "--data-dir", folder, "--out", root / "out",
                     "--quiet")
     assert result.exit_code == 0, result.output
+    assert result.stdout == ""   # --quiet: not even the start lines (docs/cli.md)
     return root, folder
 
 

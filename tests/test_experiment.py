@@ -139,8 +139,10 @@ def test_an_interrupted_experiment_continues_where_it_stopped(tiny_data_dir, tmp
     lines = []
     report = experiment.run_experiment(configs, out, data_dir=tiny_data_dir, quiet=True,
                                        log=lines.append)
-    assert lines[0].endswith("finished, kept as it is")
-    assert "continuing from its latest checkpoint" in lines[1]
+    assert lines[1:3] == ["  [1/2] original-8-s0 (2 epochs, fast recipe): finished, kept",
+                          "  [2/2] preact-8-s0 (2 epochs, fast recipe): to resume after epoch 1"]
+    assert lines[3].endswith("finished, kept as it is")
+    assert "continuing from its latest checkpoint" in lines[4]
     run = history.read_run(out / "histories.h5", "preact-8-s0")
     assert list(run.columns["epoch"]) == [1, 2] and "test_acc" in run.attrs
     assert history.read_run(out / "histories.h5", "original-8-s0").attrs["test_acc"] == first
@@ -169,7 +171,9 @@ def test_an_unfinished_run_whose_folder_is_gone_starts_again(tiny_data_dir, tmp_
     lines = []
     report = experiment.run_experiment(configs, out, data_dir=tiny_data_dir, quiet=True,
                                        log=lines.append)
-    assert "run folder is gone; training it again" in lines[0]
+    assert lines[1] == ("  [1/1] preact-8-s0 (2 epochs, fast recipe): to train again from "
+                        "epoch 1 (its run folder is gone)")
+    assert "run folder is gone; training it again" in lines[2]
     run = history.read_run(out / "histories.h5", "preact-8-s0")
     assert list(run.columns["epoch"]) == [1, 2] and "test_acc" in run.attrs
     assert [r["status"] for r in report["runs"]] == ["finished"]

@@ -1,4 +1,4 @@
-"""bench/finals_table.py: the headline-run tables, paired differences and the target report."""
+"""experiments/finals_table.py: the headline-run tables, paired differences and the target report."""
 
 import importlib.util
 import json
@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def table():
     spec = importlib.util.spec_from_file_location("finals_table",
-                                                  ROOT / "bench" / "finals_table.py")
+                                                  ROOT / "experiments" / "finals_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

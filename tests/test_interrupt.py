@@ -47,7 +47,11 @@ def test_a_stop_mid_epoch_resumes_at_the_same_step(tiny_data_dir, tmp_path):
     # The stop wrote a checkpoint at global step 5 + 2 and kept epoch 1's row only.
     assert checkpoint.latest(tmp_path / "stopped").endswith("model.ckpt-7")
     assert history.read_run(hist, "stopped").epochs == 1
-    Trainer(cfg, ds, tmp_path / "stopped", hist, resume=True, **quiet).run()
+    logged = []
+    Trainer(cfg, ds, tmp_path / "stopped", hist, resume=True, log=logged.append,
+            progress=False).run()
+    assert logged[1].startswith(f"resuming stopped at step 2 of epoch 2 from "
+                                f"{tmp_path / 'stopped' / 'model.ckpt-7'}; ")
     a, b = history.read_run(hist, "straight"), history.read_run(hist, "stopped")
     assert list(b.columns["epoch"]) == [1, 2, 3]
     # The same steps on the same batches: the epoch metrics, including epoch 2's

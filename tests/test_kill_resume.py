@@ -1,4 +1,4 @@
-"""SIGKILL at random moments, resume, repeat: nothing is lost (bench/torture.py).
+"""SIGKILL at random moments, resume, repeat: nothing is lost (tests/torture.py).
 
 The short form (10 kills, ~2 minutes on 2 cores) runs with the suite; the long form
 (100 kills, 31 minutes measured on a busy 2-core machine) is marked ``slow`` and runs
@@ -13,7 +13,7 @@ import pytest
 
 from resnet_graph import history
 
-TORTURE = pathlib.Path(__file__).resolve().parents[1] / "bench" / "torture.py"
+TORTURE = pathlib.Path(__file__).resolve().parent / "torture.py"
 
 
 @pytest.fixture(scope="module")

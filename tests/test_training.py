@@ -247,7 +247,9 @@ def test_a_checkpoint_that_cannot_be_written_keeps_the_previous_one(tiny_data_di
         return real_save(self, sess, path, *args, **kw)
 
     monkeypatch.setattr(tf1.train.Saver, "save", save)
-    with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
+    with pytest.raises(CheckpointError, match=r": no space left on device; the previous "
+                       r"checkpoint model.ckpt-5 \(1 epoch done\) is intact: free space, then "
+                       r"--resume continues from it"):
         train_run(tiny_config(epochs=2), data_dir=tiny_data_dir, out=tmp_path, quiet=True)
     assert checkpoint.latest(tmp_path / "original-8").endswith("model.ckpt-5")
     monkeypatch.setattr(tf1.train.Saver, "save", real_save)

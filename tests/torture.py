@@ -1,7 +1,7 @@
 """Kill a real training run with SIGKILL again and again; check that nothing is lost.
 
-    .venv/bin/python bench/torture.py --kills 10 --seed 0 --work /tmp/torture
-    .venv/bin/python bench/torture.py --kills 100 --seed 1 --work /tmp/torture --json-out t.json
+    .venv/bin/python tests/torture.py --kills 10 --seed 0 --work /tmp/torture
+    .venv/bin/python tests/torture.py --kills 100 --seed 1 --work /tmp/torture --json-out t.json
 
 What it does:
 
@@ -53,8 +53,9 @@ import numpy as np
 
 from resnet_graph import fetch, history
 
-# The synthetic data set is test tooling (tests/synthetic.py), not part of the package.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+# The synthetic data set is test tooling (tests/synthetic.py, beside this file), not part
+# of the package; run as a script, this folder is already first on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from synthetic import write_synthetic_cifar  # noqa: E402
 
 MODEL, DEPTH, BATCH, VALID = "original", 8, 50, 50

@@ -1,21 +1,21 @@
 """Carry an `experiment` folder across machines: the files a long run needs to resume, small
 enough to commit (docs/runs/<name>/), and back.
 
-    .venv/bin/python bench/carry.py save /work/finals docs/runs/finals
-    .venv/bin/python bench/carry.py restore docs/runs/finals /work/finals
+    .venv/bin/python experiments/carry.py save /work/finals docs/runs/finals
+    .venv/bin/python experiments/carry.py restore docs/runs/finals /work/finals
 
 `save` copies, from an experiment folder: ``histories.h5`` (under its lock, so never half a
 rewrite), ``report.md``/``report.json`` and the report's figures (``*.png``), and per run
 folder ``config.json``, the latest checkpoint (its ``.index`` and ``.data-*`` files, with a
 ``checkpoint`` state file naming only it), ``best/`` (its checkpoint and ``best.json``) and
-the ``eval-*.json`` files of bench/finals.sh. Left out: older checkpoints, TensorBoard event
+the ``eval-*.json`` files of experiments/finals.sh. Left out: older checkpoints, TensorBoard event
 files, locks and logs. Files already in DEST that the source no longer has (an older
 checkpoint) are removed, so DEST is a snapshot. Every file is written to a temporary name
 and renamed.
 
 `restore` copies such a snapshot into an experiment folder, only into run folders that are
 missing there (it never overwrites a run that exists), and the history file only when the
-folder has none. Then the same `resnet-graph experiment` command (or bench/finals.sh)
+folder has none. Then the same `resnet-graph experiment` command (or experiments/finals.sh)
 resumes each unfinished run from its carried checkpoint.
 
 Checkpoints are not committed (.gitignore), so a snapshot in a fresh clone holds only the
@@ -160,7 +160,7 @@ def restore(src: pathlib.Path, dst: pathlib.Path) -> int:
         if latest_prefix(run) is None:
             # Checkpoints stay out of git (.gitignore), so a snapshot from a clone has none.
             # A finished run is kept by `experiment` from its history: restore its config and
-            # evaluations (bench/finals.sh then skips them). An unfinished one trains again
+            # evaluations (experiments/finals.sh then skips them). An unfinished one trains again
             # from its start, so a folder without its checkpoint would only be in the way.
             if not finished(dst / HISTORY, run.name):
                 print(f"{run.name}: unfinished and no checkpoint in the snapshot: not restored "
@@ -169,10 +169,8 @@ def restore(src: pathlib.Path, dst: pathlib.Path) -> int:
             note = "finished; config and evaluations only, no checkpoint"
         else:
             note = latest_prefix(run)
-        tmp = dst / f".{run.name}.carry-tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(run, tmp)
-        os.replace(tmp, out)
+        with fsutil.replacing_folder(out) as tmp:   # complete or absent, even if killed
+            shutil.copytree(run, tmp)
         restored += 1
         print(f"{run.name}: restored ({note})")
     print(f"restored {restored} run folder(s) into {dst}")

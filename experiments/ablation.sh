@@ -2,7 +2,7 @@
 # The issue-17 ablation: ResNet-20 (original), recipe fast cut to 15 epochs, bf16,
 # one change from the base per arm, seeds 0 and 1.
 #
-#   cd <worktree> && setsid nohup bash bench/ablation.sh > "$ABLATION_DIR/run.log" 2>&1 < /dev/null &
+#   cd <worktree> && setsid nohup bash experiments/ablation.sh > "$ABLATION_DIR/run.log" 2>&1 < /dev/null &
 #
 # Order: seed 0 of every arm (base he sym zero ema lr02 b256 paper), then seed 1 of
 # every arm, so that a stop leaves balanced partial results. Each arm is one

@@ -3,8 +3,8 @@
 # on the shared CIFAR-10, then `eval` of each run's final and best-validation checkpoints,
 # single view and with --tta flip.
 #
-#   cd <worktree> && setsid nohup bash bench/finals.sh > "$FINALS_DIR/run.log" 2>&1 < /dev/null &
-#   .venv/bin/python bench/finals_table.py "$FINALS_DIR"      # the table, from the files
+#   cd <worktree> && setsid nohup bash experiments/finals.sh > "$FINALS_DIR/run.log" 2>&1 < /dev/null &
+#   .venv/bin/python experiments/finals_table.py "$FINALS_DIR"      # the table, from the files
 #
 # RUNS lists model:seed in the order they train (default: seed 0 of both models first,
 # so that a stop leaves the comparison, then seed 1). All runs go into one `experiment`
@@ -13,12 +13,12 @@
 # checkpoint; an evaluation whose JSON exists is not repeated. FLAGS are added to every
 # `experiment` (default none: the recipe as it is in the checkout).
 #
-# Across machines: CARRY names a snapshot made by `bench/carry.py save` (kept in
+# Across machines: CARRY names a snapshot made by `experiments/carry.py save` (kept in
 # docs/runs/finals/). When set, the snapshot is restored into $FINALS_DIR first (only the run
 # folders that are missing there), so the runs resume from the carried checkpoints; git
 # carries no checkpoints, so from a fresh clone an unfinished run starts again. Save
 # one before a session ends:
-#   .venv/bin/python bench/carry.py save "$FINALS_DIR" docs/runs/finals
+#   .venv/bin/python experiments/carry.py save "$FINALS_DIR" docs/runs/finals
 #
 # Stop it with `kill -- -<pgid>`. The code is the editable install of $REPO (default:
 # the current folder): do not edit that folder while it runs.
@@ -41,7 +41,7 @@ if [ ! -x "$EXE" ]; then
 fi
 mkdir -p "$FINALS_DIR/logs"
 if [ -n "$CARRY" ]; then
-    "$REPO/.venv/bin/python" "$REPO/bench/carry.py" restore "$CARRY" "$FINALS_DIR" || exit 1
+    "$REPO/.venv/bin/python" "$REPO/experiments/carry.py" restore "$CARRY" "$FINALS_DIR" || exit 1
 fi
 echo "$(date -u '+%F %T') finals in $FINALS_DIR from $REPO at" \
      "$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)" \

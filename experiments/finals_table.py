@@ -1,6 +1,6 @@
-"""The issue-17 headline runs as markdown tables, from the files bench/finals.sh writes.
+"""The issue-17 headline runs as markdown tables, from the files experiments/finals.sh writes.
 
-    .venv/bin/python bench/finals_table.py [FINALS_DIR]      # default /work/finals
+    .venv/bin/python experiments/finals_table.py [FINALS_DIR]      # default /work/finals
 
 Per run (from ``histories.h5`` and the ``<run>/eval-<variant>.json`` files): best and final
 validation accuracy, test accuracy of the final and of the best-validation checkpoint, each

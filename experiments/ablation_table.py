@@ -1,9 +1,9 @@
 """The issue-17 ablation as one markdown table, from the arms' history files.
 
-    .venv/bin/python bench/ablation_table.py [ABLATION_DIR]     # default /work/ablation
-    .venv/bin/python bench/ablation_table.py docs/runs --files --write docs/results.md
+    .venv/bin/python experiments/ablation_table.py [ABLATION_DIR]     # default /work/ablation
+    .venv/bin/python experiments/ablation_table.py docs/runs --files --write docs/results.md
 
-Reads ``<dir>/<arm>/histories.h5`` of every arm that bench/ablation.sh runs (or a copy
+Reads ``<dir>/<arm>/histories.h5`` of every arm that experiments/ablation.sh runs (or a copy
 of them, e.g. docs/runs/ablation-<arm>.h5 with ``--files``), takes the finished runs
 (a ``test_acc`` attribute) and prints, per arm: the seeds, the final test accuracy of
 each, their mean, the spread (max - min), the mean difference from ``base`` over the
@@ -25,9 +25,9 @@ import h5py
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
 NOTE = ("Test accuracy is the final checkpoint's, on the 10,000 test images; best valid is "
         "over the 5,000 held-out images. Read on {date} from the histories "
-        "(`bench/ablation_table.py`).")
+        "(`experiments/ablation_table.py`).")
 
-ARMS = {  # arm -> the flags bench/ablation.sh gives it
+ARMS = {  # arm -> the flags experiments/ablation.sh gives it
     "base": "", "he": "--init he", "sym": "--stride-padding symmetric",
     "zero": "--zero-init-residual", "ema": "--ema-decay 0.999", "lr02": "--lr 0.2",
     "b256": "--batch-size 256", "paper": "--init he --stride-padding symmetric",
