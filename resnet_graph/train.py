@@ -250,6 +250,8 @@ class Trainer:
         cfg, ds = self.cfg, self.dataset
 
         def chosen(value, asked):
+            if prefix:   # --resume goes on with what the run resolved when it started
+                return f"{value} (the run's)"
             return f"{value} (auto)" if asked == "auto" else value
 
         def count(n, what):

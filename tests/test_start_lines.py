@@ -55,7 +55,7 @@ def test_a_run_and_an_experiment_say_what_they_will_do_before_they_start(tiny_da
                     "--data-dir", tiny_data_dir, "--out", out)
     assert result.exit_code == 0, result.output
     what, where = lines_before_first_step(result.stdout)
-    assert "2 epochs x 5 steps of 50 images" in what and f"precision {auto} (auto)" in what
+    assert "2 epochs x 5 steps of 50 images" in what and f"precision {auto} (the run's)" in what
     assert where.startswith(f"resuming original-8-s0 after epoch 1 from "
                             f"{out / 'original-8-s0' / 'model.ckpt-5'}; 250 training / 50 "
                             "validation")
