@@ -3,12 +3,16 @@ enough to commit (docs/runs/<name>/), and back.
 
     .venv/bin/python experiments/carry.py save /work/finals docs/runs/finals
     .venv/bin/python experiments/carry.py restore docs/runs/finals /work/finals
+    .venv/bin/python experiments/carry.py save --lean /work/sweep/exp docs/runs/sweep
 
 `save` copies, from an experiment folder: ``histories.h5`` (under its lock, so never half a
 rewrite), ``report.md``/``report.json`` and the report's figures (``*.png``), and per run
 folder ``config.json``, the latest checkpoint (its ``.index`` and ``.data-*`` files, with a
 ``checkpoint`` state file naming only it), ``best/`` (its checkpoint and ``best.json``) and
-the ``eval-*.json`` files of experiments/finals.sh. Left out: older checkpoints, TensorBoard event
+the ``eval-*.json`` files of experiments/finals.sh and the ``responses*.json`` of
+``resnet-graph responses``. With ``--lean``, a finished run keeps no checkpoint (neither
+latest nor best: its history, config and results are what the docs read), so that the
+checkpoints of the unfinished runs can be committed. Left out: older checkpoints, TensorBoard event
 files, locks and logs. Files already in DEST that the source no longer has (an older
 checkpoint) are removed, so DEST is a snapshot. Every file is written to a temporary name
 and renamed.
@@ -18,8 +22,10 @@ missing there (it never overwrites a run that exists), and the history file only
 folder has none. Then the same `resnet-graph experiment` command (or experiments/finals.sh)
 resumes each unfinished run from its carried checkpoint.
 
-Checkpoints are not committed (.gitignore), so a snapshot in a fresh clone holds only the
-history, configs and evaluations: its finished runs are restored without checkpoints (their
+Checkpoints are not committed (.gitignore), except in ``docs/runs/sweep/`` (the issue-25
+depth sweep, which takes several sessions: its lean snapshot carries the unfinished runs'
+checkpoints, a few MB each, so that a new machine resumes them). Elsewhere a snapshot in a
+fresh clone holds only the history, configs and evaluations: its finished runs are restored without checkpoints (their
 config and evaluations; `experiment` keeps a finished run by its history), and its
 unfinished runs are not restored and start again. The checkpoints carry
 only where the snapshot folder itself survives (the same machine handed back).
@@ -94,7 +100,7 @@ def prune(folder: pathlib.Path, kept: set) -> None:
             path.unlink()
 
 
-def save(src: pathlib.Path, dst: pathlib.Path) -> int:
+def save(src: pathlib.Path, dst: pathlib.Path, lean: bool = False) -> int:
     if not (src / HISTORY).is_file():
         raise SystemExit(f"error: {src} has no {HISTORY}: not an experiment folder")
     live = sorted(dst.glob("*/.lock"))
@@ -112,19 +118,21 @@ def save(src: pathlib.Path, dst: pathlib.Path) -> int:
     runs = 0
     for run in sorted(p for p in src.iterdir() if p.is_dir() and (p / "config.json").is_file()):
         out = dst / run.name
-        kept = set(snapshot_checkpoint(run, out))
-        for path in [run / "config.json", *sorted(run.glob("eval-*.json"))]:
+        checkpoints = not (lean and finished(src / HISTORY, run.name))
+        kept = set(snapshot_checkpoint(run, out)) if checkpoints else set()
+        for path in [run / "config.json", *sorted(run.glob("eval-*.json")),
+                     *sorted(run.glob("responses*.json"))]:
             copy_atomic(path, out / path.name)
             kept.add(path.name)
         prune(out, kept)
         if (run / BEST).is_dir():
-            best_kept = set(snapshot_checkpoint(run / BEST, out / BEST))
+            best_kept = set(snapshot_checkpoint(run / BEST, out / BEST)) if checkpoints else set()
             if (run / BEST / "best.json").is_file():
                 copy_atomic(run / BEST / "best.json", out / BEST / "best.json")
                 best_kept.add("best.json")
             prune(out / BEST, best_kept)
         runs += 1
-        print(f"{run.name}: {latest_prefix(out) or 'no checkpoint yet'}")
+        print(f"{run.name}: {latest_prefix(out) or ('no checkpoint yet' if checkpoints else 'finished, no checkpoint kept (--lean)')}")
     for path in dst.iterdir():
         if path.is_file() and path.name not in top:
             path.unlink()
@@ -182,10 +190,15 @@ def main(argv=None) -> int:
     p.add_argument("action", choices=("save", "restore"))
     p.add_argument("src", type=pathlib.Path)
     p.add_argument("dst", type=pathlib.Path)
+    p.add_argument("--lean", action="store_true",
+                   help="save: no checkpoints for finished runs (only the unfinished resume)")
     args = p.parse_args(argv)
     if not args.src.is_dir():
         raise SystemExit(f"error: {args.src} is not a folder")
-    (save if args.action == "save" else restore)(args.src, args.dst)
+    if args.action == "save":
+        save(args.src, args.dst, lean=args.lean)
+    else:
+        restore(args.src, args.dst)
     return 0
 
 

@@ -166,3 +166,34 @@ def test_a_finished_run_without_checkpoints_restores_its_config_and_evaluations(
     assert json.loads((done / "eval-final.json").read_text()) == {"accuracy": 0.88}
     assert (done / "config.json").is_file() and (done / "best" / "best.json").is_file()
     assert not (fresh / "preact-32-s1").exists()      # unfinished: trains again from its start
+
+
+def test_lean_save_keeps_checkpoints_of_unfinished_runs_only(carry, tmp_path):
+    from resnet_graph import history
+    exp = tmp_path / "exp"
+    row = dict(epoch=1, train_loss=1.0, train_acc=0.5, valid_loss=1.0, valid_acc=0.5, lr=0.1,
+               seconds=1.0)
+    for name, done in (("plain-20-s0", True), ("plain-32-s0", False)):
+        run = exp / name
+        (run / "best").mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"model": "plain"}))
+        _save_checkpoints(run, [10])
+        _save_checkpoints(run / "best", [10])
+        (run / "best" / "best.json").write_text(json.dumps({"epoch": 1}))
+        history.create_run(exp / "histories.h5", name, config={"model": "plain"})
+        history.append_epoch(exp / "histories.h5", name, row)
+        if done:
+            history.set_attrs(exp / "histories.h5", name, test_acc=0.8)
+            (run / "responses.json").write_text(json.dumps({"layers": [{"std": 1.0}]}))
+    snap = tmp_path / "snap"
+    assert carry.main(["save", "--lean", str(exp), str(snap)]) == 0
+    done = snap / "plain-20-s0"
+    assert sorted(p.name for p in done.iterdir() if p.is_file()) == ["config.json",
+                                                                    "responses.json"]
+    assert sorted(p.name for p in (done / "best").iterdir()) == ["best.json"]
+    assert _restored_value(snap / "plain-32-s0") == 10.0
+    assert _restored_value(snap / "plain-32-s0" / "best") == 10.0
+    # Without --lean the finished run keeps its checkpoint too.
+    full = tmp_path / "full"
+    carry.main(["save", str(exp), str(full)])
+    assert _restored_value(full / "plain-20-s0") == 10.0
