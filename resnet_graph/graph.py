@@ -30,6 +30,13 @@ name                          what
 ``skipped_after_step:0``      (fp16) steps skipped so far, read after the train op
 ============================  ==================================================
 
+The running sums of an epoch are kept in the graph: every training step adds
+its loss and accuracy (of the applied steps only: a step that fp16 loss
+scaling skips adds nothing, and counts in ``loss_scaling/epoch_skipped``) to
+the variable ``epoch_progress``, so a step fetches nothing but the train op,
+and the loop reads the sums now and then (:func:`step_fetches`,
+:func:`sums_fetches`).
+
 Steps and positions: ``global_step`` counts the updates that were applied.
 With fp16 loss scaling a step whose gradients overflow is skipped (nothing
 is applied, ``global_step`` stays), so the position in the epoch, the
@@ -145,9 +152,12 @@ class TrainTensors(ModelTensors):
     epochs_done: tf.Variable = None
     set_epochs_done: tf.Operation = None
     epoch_placeholder: tf.Tensor = None
-    epoch_progress: tf.Variable = None   # float64 [3]: loss sum, accuracy sum, seconds
+    epoch_progress: tf.Variable = None   # float64 [3]: loss sum, accuracy sum (of the applied
+    #                                      steps, added by train_op), seconds (set by the loop)
     progress_placeholder: tf.Tensor = None
-    set_epoch_progress: tf.Operation = None
+    set_epoch_progress: tf.Operation = None   # also sets epoch_skipped (fp16) to skipped_value
+    epoch_skipped: Optional[tf.Variable] = None   # (fp16) int64: this epoch's skipped steps
+    skipped_value: Optional[tf.Tensor] = None     # (fp16) its value for set_epoch_progress (0)
     batch_index: tf.Tensor = None
     data_images: tf.Tensor = None      # placeholders that load the training set
     data_labels: tf.Tensor = None
@@ -377,7 +387,7 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                                      global_step, scaling, statistics)
     train_op, ema = average_weights(cfg, train_op, global_step, applied)
     tensors = train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
-                             step_loss=t.loss, step_accuracy=t.accuracy)
+                             step_loss=t.loss, step_accuracy=t.accuracy, applied=applied)
     if ema is not None:
         tensors.ema = ema
         tensors.averaged = attach_averaged_model(cfg, mean, std, ema, precision=precision,
@@ -387,8 +397,12 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
 
 def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
                    inp: TrainInput, scaling: Optional[LossScaling], *, step_loss,
-                   step_accuracy) -> TrainTensors:
-    """The epoch counters and the :class:`TrainTensors` of a built training graph."""
+                   step_accuracy, applied=None) -> TrainTensors:
+    """The epoch counters and the :class:`TrainTensors` of a built training graph.
+
+    The train op also adds the step's ``step_loss`` and ``step_accuracy`` to the
+    epoch's running sums when the step is ``applied`` (fp16: from
+    :func:`minimize`; None: always) and counts it in ``epoch_skipped`` when not."""
     epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
                                    trainable=False)
     epoch_placeholder = tf1.placeholder(tf.int64, [], name="epoch")
@@ -397,8 +411,29 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
     epoch_progress = tf1.get_variable("epoch_progress", [3], tf.float64, tf1.zeros_initializer(),
                                       trainable=False)
     progress_placeholder = tf1.placeholder(tf.float64, [3], name="progress")
+    set_progress = [epoch_progress.assign(progress_placeholder)]
+    loss = tf.cast(step_loss, tf.float64)
+    accuracy = tf.cast(step_accuracy, tf.float64)
+    epoch_skipped = skipped_value = None
+    accumulate = []
+    if scaling is not None:
+        with tf1.variable_scope("loss_scaling"):
+            epoch_skipped = tf1.get_variable("epoch_skipped", [], tf.int64,
+                                             tf1.zeros_initializer(), trainable=False)
+        skipped_value = tf1.placeholder_with_default(tf.constant(0, tf.int64), [],
+                                                     name="skipped_value")
+        set_progress.append(epoch_skipped.assign(skipped_value))
+    if applied is not None:
+        # A skipped step's loss may be inf: where, not a multiplication by 0.
+        loss = tf.where(applied, loss, tf.zeros_like(loss))
+        accuracy = tf.where(applied, accuracy, tf.zeros_like(accuracy))
+        if epoch_skipped is not None:
+            accumulate.append(epoch_skipped.assign_add(
+                tf.where(applied, tf.constant(0, tf.int64), tf.constant(1, tf.int64))))
+    accumulate.append(epoch_progress.assign_add(
+        tf.stack([loss, accuracy, tf.constant(0.0, tf.float64)])))
     fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(ModelTensors)}
-    train_op = tf.group(train_op, name="train_op")
+    train_op = tf.group(train_op, *accumulate, name="train_op")
     skipped_after_step = None
     if scaling is not None:
         with tf.control_dependencies([train_op]):
@@ -411,7 +446,8 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
         epochs_done=epochs_done, set_epochs_done=epochs_done.assign(epoch_placeholder).op,
         epoch_placeholder=epoch_placeholder, epoch_progress=epoch_progress,
         progress_placeholder=progress_placeholder,
-        set_epoch_progress=epoch_progress.assign(progress_placeholder).op,
+        set_epoch_progress=tf.group(*set_progress), epoch_skipped=epoch_skipped,
+        skipped_value=skipped_value,
         batch_index=inp.batch_index,
         data_images=inp.data_images, data_labels=inp.data_labels,
         load_data=tf.group(inp.images_var.initializer, inp.labels_var.initializer,
@@ -421,6 +457,27 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
         skipped_steps=scaling.skipped_steps if scaling else None,
         skipped_after_step=skipped_after_step,
         step_loss=step_loss, step_accuracy=step_accuracy)
+
+
+# The loop reads the running sums (and checks them: NaN loss, fp16 skips) at least
+# every this many steps, besides the reads of the progress display and the epoch's end.
+READ_EVERY_STEPS = 20
+
+
+def step_fetches(t: TrainTensors, *, loss: bool = False, learning_rate: bool = False) -> list:
+    """What a training loop fetches at a step: the train op alone, plus the step's
+    loss (a TensorBoard point) and/or its rate (the epoch's last step) when asked,
+    in that order."""
+    return ([t.train_op] + ([t.step_loss] if loss else [])
+            + ([t.learning_rate] if learning_rate else []))
+
+
+def sums_fetches(t: TrainTensors) -> list:
+    """The epoch's running sums (float64 [3]), and with fp16 the epoch's skipped
+    steps and the loss scale: what the loop reads between steps."""
+    if t.epoch_skipped is None:
+        return [t.epoch_progress]
+    return [t.epoch_progress, t.epoch_skipped, t.loss_scale]
 
 
 def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",

@@ -7,7 +7,8 @@ every run side by side. Tags:
 ``step/loss``              training loss of one step, every ``every_steps`` steps
 ``epoch/train_loss``       the history row of each epoch (also ``train_acc``,
 ``epoch/valid_loss`` ...   ``valid_loss``, ``valid_acc``, ``lr``,
-                           ``images_per_sec``), at the epoch's last step
+                           ``images_per_sec``, and with fp16 ``skipped_steps``),
+                           at the epoch's last step
 ``weights/<variable>``     histogram of each kernel, once per epoch
 ``grad_norm/<variable>``   L2 norm of each kernel's gradient on one training
                            batch, once per epoch
@@ -25,7 +26,8 @@ import tensorflow as tf
 
 tf1 = tf.compat.v1
 
-EPOCH_FIELDS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "images_per_sec")
+EPOCH_FIELDS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "images_per_sec",
+                "skipped_steps")
 
 
 def _scalar(tag: str, value: float):

@@ -14,6 +14,7 @@ history never has gaps or duplicates.
 """
 
 import contextlib
+import dataclasses
 import math
 import pathlib
 import signal
@@ -28,7 +29,7 @@ from . import checkpoint, data, history
 from .config import TrainConfig, check_batch_split, run_facts
 from .errors import TrainingInterrupted, UserError
 from .evaluate import Metrics, evaluate
-from .graph import MODEL_SCOPE
+from .graph import MODEL_SCOPE, READ_EVERY_STEPS, step_fetches, sums_fetches
 from .inputs import epoch_order
 from .precision import check_runnable, gpu_available, resolve_data_format, resolve_precision
 from .progress import epoch_progress
@@ -41,6 +42,17 @@ tf1 = tf.compat.v1
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+@dataclasses.dataclass
+class EpochSums:
+    """The running sums of an epoch as read from the graph (``epoch_progress``):
+    of the applied steps only; with fp16 the skipped steps and the loss scale."""
+
+    loss_sum: float
+    hits: float
+    skipped: int = 0
+    scale: float = math.inf    # no loss scaling: no floor to reach
 
 
 class Trainer:
@@ -62,6 +74,8 @@ class Trainer:
 
     workers = 1   # processes that share each step (resnet_graph.distributed)
     summary_steps = 50   # TensorBoard: the step loss every this many steps
+    read_every_steps = READ_EVERY_STEPS   # the running sums are read (and checked) at least
+    #                                       this often (graph.READ_EVERY_STEPS)
 
     def __init__(self, cfg: TrainConfig, dataset: data.Cifar10, run_dir, history_path, *,
                  resume: bool = False, log: Callable[[str], None] = print,
@@ -258,47 +272,84 @@ class Trainer:
         written in the middle of this epoch. A requested stop ends it after the
         current step with a checkpoint (see :meth:`request_stop`).
         """
-        t, cfg = self.t, self.cfg
+        t, cfg, n = self.t, self.cfg, self.steps_per_epoch
         first = self.start_step if epoch == self.start_epoch else 0
-        loss_sum, hits, before = self.progress if first else (0.0, 0.0, 0.0)
+        before = self.progress[2] if first else 0.0
+        if not first:   # the graph's running sums start the epoch at zero
+            self.sess.run(t.set_epoch_progress, {t.progress_placeholder: [0.0, 0.0, 0.0]})
         start = time.perf_counter() - before
-        fetches = [t.train_op, t.step_loss, t.step_accuracy, t.learning_rate]
-        if t.skipped_steps is not None:      # fp16: a loss-scale skip is not a failure
-            fetches.append(t.skipped_after_step)
-        skipped = int(self.sess.run(t.skipped_steps)) if t.skipped_steps is not None else 0
-        bar = epoch_progress(f"epoch {epoch}/{cfg.epochs}", first, self.steps_per_epoch,
+        bar = epoch_progress(f"epoch {epoch}/{cfg.epochs}", first, n,
                              cfg.batch_size, enabled=self.progress_bar, log=self.log)
         lr = float("nan")
-        for step in range(first, self.steps_per_epoch):
-            _, loss, acc, lr, *skips = self.run_step(fetches, step)
-            if skips and skips[0] > skipped:
-                # Loss scaling skipped this step; if its loss overflowed too, count
-                # the epoch's running mean so far instead of inf.
-                skipped = skips[0]
-                if not math.isfinite(loss):
-                    loss = loss_sum / step if step else 0.0
-            if not math.isfinite(loss):
-                self._fail(f"loss became {loss} at epoch {epoch}, step {step + 1}; the last "
-                           "good checkpoint is kept: lower --lr and --resume")
-            loss_sum += loss
-            if self.summaries is not None:
-                self.summaries.step((epoch - 1) * self.steps_per_epoch + step + 1, loss)
-            hits += acc
+        sums = None
+        checked = first      # steps of the epoch whose loss the last read covered
+        for step in range(first, n):
+            number = (epoch - 1) * n + step + 1     # 1-based step of the run
+            point = self.summaries is not None and number % self.summaries.every_steps == 0
+            last = step + 1 == n
+            _, *out = self.run_step(step_fetches(t, loss=point, learning_rate=last), step)
+            if point:
+                self.summaries.step(number, out[0])
+            if last:
+                lr = out[-1]
             self.after_step(epoch, step)
-            if self.stop_signal is not None and step + 1 < self.steps_per_epoch:
+            stopping = self.stop_signal is not None and not last
+            done = step + 1
+            if stopping or last or bar.wants(step) or done - checked >= self.read_every_steps:
+                sums = self._read_sums(epoch, checked, done)
+                checked = done
+                elapsed = time.perf_counter() - start - before
+                rate = (done - first) * cfg.batch_size / elapsed if elapsed > 0 else 0.0
+                bar.update(step, sums.loss_sum, sums.hits, rate, applied=done - sums.skipped,
+                           skipped=sums.skipped if t.epoch_skipped is not None else None)
+            else:
+                bar.update(step)
+            if stopping:
                 bar.close()
-                self._stop(epoch, step + 1, (loss_sum, hits, time.perf_counter() - start))
-            elapsed = time.perf_counter() - start - before
-            bar.update(step, loss_sum, hits,
-                       (step + 1 - first) * cfg.batch_size / elapsed if elapsed > 0 else 0.0)
+                self._stop(epoch, done, (sums.loss_sum, sums.hits, time.perf_counter() - start),
+                           skipped=sums.skipped)
         bar.close()
         train_seconds = time.perf_counter() - start
-        n = self.steps_per_epoch
-        return {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": hits / n,
-                "lr": float(lr), "train_seconds": train_seconds,
-                "images_per_sec": (n - first) * cfg.batch_size / (train_seconds - before)
-                if train_seconds > before else float("nan"),
-                "_start": start}
+        if sums is None:     # no step left to run (cannot happen: first < n)
+            sums = self._read_sums(epoch, first, n)
+        applied = n - sums.skipped
+        if applied == 0:
+            self._fail(f"fp16 loss scaling skipped every step of epoch {epoch} (inf or NaN "
+                       f"gradients at every loss scale down to {sums.scale:g}): the run is "
+                       f"diverging; the last good checkpoint is kept: lower --lr and --resume, "
+                       "or train in --precision fp32")
+        row = {"epoch": epoch, "train_loss": sums.loss_sum / applied,
+               "train_acc": sums.hits / applied,
+               "lr": float(lr), "train_seconds": train_seconds,
+               "images_per_sec": (n - first) * cfg.batch_size / (train_seconds - before)
+               if train_seconds > before else float("nan"),
+               "_start": start}
+        if t.epoch_skipped is not None:
+            row["skipped_steps"] = sums.skipped
+        return row
+
+    def _read_sums(self, epoch: int, after: int, done: int) -> "EpochSums":
+        """Read the graph's running sums after step ``done`` (1-based) of ``epoch`` and
+        fail on what they show: a loss that is not finite (it became so in one of steps
+        ``after + 1 .. done``, the ones since the last read), or with fp16 a loss scale
+        that fell to its floor."""
+        t = self.t
+        values = self.sess.run(sums_fetches(t))
+        sums = EpochSums(float(values[0][0]), float(values[0][1]))
+        if t.epoch_skipped is not None:
+            sums.skipped, sums.scale = int(values[1]), float(values[2])
+        if not math.isfinite(sums.loss_sum):
+            where = (f"step {done}" if done == after + 1 else
+                     f"one of steps {after + 1}-{done} (the loss is checked every "
+                     f"{self.read_every_steps} steps)")
+            self._fail(f"loss became {sums.loss_sum} at epoch {epoch}, {where}; the last good "
+                       "checkpoint is kept: lower --lr and --resume")
+        if sums.scale <= 1.0:
+            self._fail(f"fp16 loss scaling reached its floor (a scale of 1) at epoch {epoch}, "
+                       f"step {done}, with {sums.skipped} of the epoch's {done} steps skipped "
+                       "for inf or NaN gradients: the run is diverging; the last good checkpoint "
+                       "is kept: lower --lr and --resume, or train in --precision fp32")
+        return sums
 
     def _fail(self, message: str) -> None:
         """Mark the history run as failed (no row is appended) and stop with ``message``."""
@@ -312,15 +363,19 @@ class Trainer:
     def after_step(self, epoch: int, step: int) -> None:
         """Called after every training step (0-based ``step`` of ``epoch``); a hook."""
 
-    def _stop(self, epoch: int, steps_done: int, progress=None) -> None:
+    def _stop(self, epoch: int, steps_done: int, progress=None, skipped: int = 0) -> None:
         """Raise TrainingInterrupted after step ``steps_done`` of ``epoch``, with a checkpoint
-        of the epoch's running sums ``progress``; None: at the end of the epoch, whose own
-        checkpoint is the one to resume from."""
+        of the epoch's running sums ``progress`` (loss, accuracy, seconds) and ``skipped``
+        steps (fp16); None: at the end of the epoch, whose own checkpoint is the one to
+        resume from."""
         t = self.t
         if progress is None:
             prefix = checkpoint.require_latest(self.run_dir)
         else:
-            self.sess.run(t.set_epoch_progress, {t.progress_placeholder: list(progress)})
+            feed = {t.progress_placeholder: list(progress)}
+            if t.skipped_value is not None:
+                feed[t.skipped_value] = skipped
+            self.sess.run(t.set_epoch_progress, feed)
             prefix = checkpoint.save(self.sess, self.saver, self.run_dir,
                                      int(self.sess.run(t.steps_taken)))
         name = signal.Signals(self.stop_signal).name
