@@ -81,7 +81,12 @@ AVERAGED_SCOPE = "averaged"
 
 
 def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
-    """The schedule as a function of the optimizer step (see TrainConfig)."""
+    """The schedule as a function of the optimizer step (see TrainConfig).
+
+    A cosine run lengthened in its decay (``cfg.decay_from_step``, see
+    :func:`lengthened`) restarts the decay at that step from the rate it had
+    reached: a half cosine from ``cfg.decay_from_lr`` down to 0 at the new end.
+    """
     if cfg.lr_schedule == "step" and cfg.lr_boundaries:
         values = [cfg.lr * cfg.lr_decay ** i for i in range(len(cfg.lr_boundaries) + 1)]
         # Step b (0-based) is the first at the new rate, as Caffe's multistep: b steps at
@@ -89,17 +94,29 @@ def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
         lr = tf1.train.piecewise_constant(global_step, [b - 1 for b in cfg.lr_boundaries],
                                           values)
     elif cfg.lr_schedule == "cosine":
+        restart = ((cfg.decay_from_step, cfg.decay_from_lr) if cfg.decay_from_step else None)
         lr = cosine_with_warmup(cfg.lr, global_step, cfg.epochs * steps_per_epoch,
-                                min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch)
+                                min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch,
+                                restart=restart)
     else:
         lr = tf.constant(cfg.lr, tf.float32)
     return tf.identity(tf.cast(lr, tf.float32), name="learning_rate")
 
 
-def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps: float):
+def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps: float,
+                       restart=None):
     """Rise linearly to ``peak`` over ``warmup_steps`` (step s trains at
-    peak * (s + 1) / warmup), then fall along a half cosine to 0 at ``total_steps``."""
+    peak * (s + 1) / warmup), then fall along a half cosine to 0 at ``total_steps``.
+
+    ``restart`` = (step r, rate q): from step r on, a half cosine from q down to 0 at
+    ``total_steps`` instead (the steps before r, trained by the schedule before the
+    run was lengthened, read q)."""
     step = tf.cast(global_step, tf.float32)
+    if restart is not None:
+        start, rate = float(restart[0]), float(restart[1])
+        progress = tf.clip_by_value((step - start) / max(float(total_steps) - start, 1.0),
+                                    0.0, 1.0)
+        return 0.5 * rate * (1.0 + tf.cos(3.141592653589793 * progress))
     warmup = float(warmup_steps)
     decay_steps = max(float(total_steps) - warmup, 1.0)
     progress = tf.clip_by_value((step - warmup) / decay_steps, 0.0, 1.0)
@@ -110,6 +127,46 @@ def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps:
     # would pass the peak.
     rising = tf.minimum(peak * (step + 1.0) / warmup, peak)
     return tf.where(step < warmup, rising, cosine)
+
+
+def lengthened(saved: TrainConfig, epochs: int, steps_taken: int,
+               steps_per_epoch: int) -> TrainConfig:
+    """``saved`` (a run that has taken ``steps_taken`` steps) trained to ``epochs``
+    instead: what ``--resume --epochs`` does to its learning-rate schedule.
+
+    - ``step`` and ``constant``: nothing (the boundaries are optimizer steps: the
+      run goes on at the rate it has reached, the last one once all are passed);
+    - ``cosine`` before its decay began (still in its warm-up, or at its very
+      start): the decay is stretched to the new end, which changes no step taken;
+    - ``cosine`` in its decay: the decay restarts at this step from the rate the
+      run had reached (the rate its own schedule gives this step), down to 0 at the
+      new end, so no step's rate jumps (``decay_from_step``/``decay_from_lr``,
+      recorded in config.json for later resumes);
+    - ``cosine`` that has ended (every step of the decay taken, rate 0): refused,
+      since a longer run would train at rate 0 (a ValueError that says so).
+    """
+    if epochs == saved.epochs or saved.lr_schedule != "cosine":
+        return saved.replace(epochs=epochs)
+    old_total = saved.epochs * steps_per_epoch
+    warmup = min(saved.warmup_epochs, saved.epochs) * steps_per_epoch
+    if steps_taken >= old_total:
+        raise ValueError(
+            f"its cosine schedule has ended (rate 0 after {old_total} steps), so more epochs "
+            "would train at rate 0; start a new run with the --epochs you want instead")
+    if steps_taken <= warmup and not saved.decay_from_step:
+        if min(saved.warmup_epochs, epochs) * steps_per_epoch == warmup:
+            return saved.replace(epochs=epochs)
+    rate = cosine_rate(saved, steps_taken, steps_per_epoch)
+    return saved.replace(epochs=epochs, decay_from_step=int(steps_taken), decay_from_lr=rate)
+
+
+def cosine_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The rate of ``cfg``'s schedule at optimizer step ``step``, computed by the same
+    ops as in the graph (:func:`learning_rate`), eagerly (no session): call it
+    outside ``graph.as_default()``."""
+    if not tf.executing_eagerly():
+        raise RuntimeError("cosine_rate runs eagerly: call it outside a graph's as_default()")
+    return float(learning_rate(cfg, tf.constant(step, tf.int64), steps_per_epoch))
 
 
 def make_optimizer(cfg: TrainConfig, lr):

@@ -29,7 +29,7 @@ from . import checkpoint, data, history
 from .config import TrainConfig, check_batch_split, run_facts
 from .errors import TrainingInterrupted, UserError
 from .evaluate import Metrics, evaluate
-from .graph import MODEL_SCOPE, READ_EVERY_STEPS, step_fetches, sums_fetches
+from .graph import MODEL_SCOPE, READ_EVERY_STEPS, lengthened, step_fetches, sums_fetches
 from .inputs import epoch_order
 from .precision import check_runnable, gpu_available, resolve_data_format, resolve_precision
 from .progress import epoch_progress
@@ -207,6 +207,8 @@ class Trainer:
         return RunSummaries(self.run_dir, every_steps=self.summary_steps)
 
     def before_train(self):
+        if self.resume:
+            self.cfg = self._lengthened()
         cfg, ds = self.cfg, self.dataset
         if not self.resume and ((self.run_dir / "config.json").exists() or (
                 self.history_path.exists() and history.has_run(self.history_path, cfg.name, guard=False))):
@@ -227,6 +229,8 @@ class Trainer:
             # and a run with epochs to go has no test results yet.
             saved = checkpoint.read_config(self.run_dir)
             config = dict(saved, epochs=cfg.epochs)
+            if cfg.decay_from_step:   # what the lengthening decided (see _lengthened)
+                config.update(decay_from_step=cfg.decay_from_step, decay_from_lr=cfg.decay_from_lr)
             if config != saved:
                 checkpoint.write_config_data(self.run_dir, config)
             unfinished = {key: None for key in history.FINAL_ATTRS} if done < cfg.epochs else {}
@@ -244,6 +248,27 @@ class Trainer:
                 history.truncate(self.history_path, cfg.name, 0)
         self.sess.run(self.t.load_data, {self.t.data_images: ds.train.images,
                                          self.t.data_labels: ds.train.labels})
+
+    def _lengthened(self) -> TrainConfig:
+        """``--resume --epochs N`` past the length in config.json: the configuration with
+        the schedule graph.lengthened decides for the steps the latest checkpoint has
+        taken (a cosine decay restarts from its current rate, an ended one is refused),
+        before anything is built or written."""
+        cfg = self.cfg
+        prefix = checkpoint.latest(self.run_dir)
+        if not prefix or not (self.run_dir / "config.json").is_file():
+            return cfg
+        before = int(checkpoint.read_config(self.run_dir).get("epochs", cfg.epochs))
+        if before >= cfg.epochs:
+            return cfg
+        reader = tf1.train.NewCheckpointReader(prefix)
+        taken = int(reader.get_tensor("global_step"))
+        if reader.has_tensor("loss_scaling/skipped_steps"):
+            taken += int(reader.get_tensor("loss_scaling/skipped_steps"))
+        try:
+            return lengthened(cfg.replace(epochs=before), cfg.epochs, taken, self.steps_per_epoch)
+        except ValueError as e:
+            raise UserError(f"run {cfg.name!r} cannot train to {cfg.epochs} epochs: {e}") from None
 
     def restore_position(self, prefix: str = "the checkpoint") -> int:
         """Where the restored variables say the run is: the next epoch, the step in
