@@ -17,7 +17,7 @@ import collections
 import numpy as np
 
 from resnet_graph.config import TrainConfig
-from resnet_graph.graph import build_train_graph
+from resnet_graph.graph import build_train_graph, step_fetches
 from resnet_graph.runtime import load_tensorflow, session_config
 
 tf = load_tensorflow()
@@ -25,11 +25,11 @@ tf1 = tf.compat.v1
 
 
 def loop_fetches(t):
-    """What ``Trainer.run_epoch`` fetches on an ordinary step (before issue 26 item 5)."""
-    fetches = [t.train_op, t.step_loss, t.step_accuracy, t.learning_rate]
-    if t.skipped_after_step is not None:
-        fetches.append(t.skipped_after_step)
-    return fetches
+    """What ``Trainer.run_epoch`` fetches on an ordinary step: the train op alone
+    (graph.step_fetches; until issue 26 item 5 it also fetched the step's loss,
+    accuracy, rate and, with fp16, the skip count). The loop's read of the running
+    sums every graph.READ_EVERY_STEPS steps is a separate, small run, not counted."""
+    return step_fetches(t)
 
 
 def count_ops(precision: str, depth: int, batch_size: int) -> dict:
