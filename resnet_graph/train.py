@@ -335,7 +335,7 @@ class Trainer:
                            skipped=sums.skipped)
         bar.close()
         train_seconds = time.perf_counter() - start
-        if sums is None:     # no step left to run (cannot happen: first < n)
+        if sums is None:     # resumed from a checkpoint after the epoch's last step
             sums = self._read_sums(epoch, first, n)
         applied = n - sums.skipped
         if applied == 0:

@@ -169,6 +169,22 @@ def test_the_history_the_progress_lines_and_tensorboard_count_the_skips(straight
             assert len(line) == 1 and f" skipped {want} " in line[0], (line, want)
 
 
+def test_a_run_whose_loss_scale_falls_to_its_floor_stops(dataset, tmp_path, monkeypatch):
+    """Scale 2 at the start and lr 1e6: the first step applies (and blows the weights
+    up), the second overflows and halves the scale to its floor of 1, and the read at
+    the end of epoch 1 stops the run with one error, before the epoch's row."""
+    from resnet_graph.errors import UserError
+    monkeypatch.setattr(policy, "INITIAL_LOSS_SCALE", 2.0)
+    cfg = TrainConfig(model="original", depth=8, epochs=2, batch_size=20, valid_size=50,
+                      train_examples=STEPS_PER_EPOCH * 20, lr=1e6, optimizer="momentum",
+                      precision="fp16", name="floor")
+    with pytest.raises(UserError, match=r"reached its floor \(a scale of 1\) at epoch 1, "
+                                        r"step 5, with [1-4] of the epoch's 5 steps skipped"):
+        Trainer(cfg, dataset, tmp_path / "floor", tmp_path / "h.h5", **QUIET).run()
+    run = history.read_run(tmp_path / "h.h5", "floor")
+    assert run.epochs == 0 and run.attrs["status"] == "failed"
+
+
 def test_resume_at_an_epoch_boundary_after_skips(dataset, tmp_path, straight, overflowing):
     records = []
     cfg = fp16_config("boundary")
