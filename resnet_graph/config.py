@@ -66,6 +66,9 @@ class TrainConfig:
     ``symmetric``: 1 on every side, as Caffe and Torch, so that output pixel i
     is centred on input pixel 2i, the pixel the option-A shortcut keeps),
     ``zero_init_residual`` (off) and ``ema_decay`` (0: no averaged weights).
+    ``decay_from_step``/``decay_from_lr`` (0: none) are not options: a cosine run
+    lengthened by ``--resume --epochs`` records there where and from which rate its
+    decay was restarted (see graph.learning_rate).
     """
 
     model: str = "original"
@@ -98,6 +101,11 @@ class TrainConfig:
     stride_padding: str = "same"    # stride-2 convolutions: same (TF) or symmetric (1 each side)
     zero_init_residual: bool = False  # residual branches start at zero (see models.py)
     ema_decay: float = 0.0          # moving average of the weights for evaluation; 0 = off
+    # "cosine" lengthened by --resume --epochs in its decay (no flag; written by the
+    # trainer): from step decay_from_step on, a half cosine from decay_from_lr down to 0
+    # at the new end (0: the schedule as started).
+    decay_from_step: int = 0        # optimizer steps taken at the lengthening
+    decay_from_lr: float = 0.0      # the rate the schedule had reached there
     name: str = ""                  # run name; default "<model>-<depth>"
 
     def __post_init__(self):
@@ -120,6 +128,10 @@ class TrainConfig:
             raise ValueError(f"label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)):
             raise ValueError(f"warmup-epochs must be 0 or more, got {self.warmup_epochs}")
+        if self.decay_from_step < 0 or not (self.decay_from_lr >= 0
+                                             and math.isfinite(self.decay_from_lr)):
+            raise ValueError(f"decay_from_step and decay_from_lr must be 0 or more, got "
+                             f"{self.decay_from_step} and {self.decay_from_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight-decay must be 0 or more, got {self.weight_decay}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -30,6 +30,13 @@ name                          what
 ``skipped_after_step:0``      (fp16) steps skipped so far, read after the train op
 ============================  ==================================================
 
+The running sums of an epoch are kept in the graph: every training step adds
+its loss and accuracy (of the applied steps only: a step that fp16 loss
+scaling skips adds nothing, and counts in ``loss_scaling/epoch_skipped``) to
+the variable ``epoch_progress``, so a step fetches nothing but the train op,
+and the loop reads the sums now and then (:func:`step_fetches`,
+:func:`sums_fetches`).
+
 Steps and positions: ``global_step`` counts the updates that were applied.
 With fp16 loss scaling a step whose gradients overflow is skipped (nothing
 is applied, ``global_step`` stays), so the position in the epoch, the
@@ -74,7 +81,12 @@ AVERAGED_SCOPE = "averaged"
 
 
 def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
-    """The schedule as a function of the optimizer step (see TrainConfig)."""
+    """The schedule as a function of the optimizer step (see TrainConfig).
+
+    A cosine run lengthened in its decay (``cfg.decay_from_step``, see
+    :func:`lengthened`) restarts the decay at that step from the rate it had
+    reached: a half cosine from ``cfg.decay_from_lr`` down to 0 at the new end.
+    """
     if cfg.lr_schedule == "step" and cfg.lr_boundaries:
         values = [cfg.lr * cfg.lr_decay ** i for i in range(len(cfg.lr_boundaries) + 1)]
         # Step b (0-based) is the first at the new rate, as Caffe's multistep: b steps at
@@ -82,17 +94,29 @@ def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
         lr = tf1.train.piecewise_constant(global_step, [b - 1 for b in cfg.lr_boundaries],
                                           values)
     elif cfg.lr_schedule == "cosine":
+        restart = ((cfg.decay_from_step, cfg.decay_from_lr) if cfg.decay_from_step else None)
         lr = cosine_with_warmup(cfg.lr, global_step, cfg.epochs * steps_per_epoch,
-                                min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch)
+                                min(cfg.warmup_epochs, cfg.epochs) * steps_per_epoch,
+                                restart=restart)
     else:
         lr = tf.constant(cfg.lr, tf.float32)
     return tf.identity(tf.cast(lr, tf.float32), name="learning_rate")
 
 
-def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps: float):
+def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps: float,
+                       restart=None):
     """Rise linearly to ``peak`` over ``warmup_steps`` (step s trains at
-    peak * (s + 1) / warmup), then fall along a half cosine to 0 at ``total_steps``."""
+    peak * (s + 1) / warmup), then fall along a half cosine to 0 at ``total_steps``.
+
+    ``restart`` = (step r, rate q): from step r on, a half cosine from q down to 0 at
+    ``total_steps`` instead (the steps before r, trained by the schedule before the
+    run was lengthened, read q)."""
     step = tf.cast(global_step, tf.float32)
+    if restart is not None:
+        start, rate = float(restart[0]), float(restart[1])
+        progress = tf.clip_by_value((step - start) / max(float(total_steps) - start, 1.0),
+                                    0.0, 1.0)
+        return 0.5 * rate * (1.0 + tf.cos(3.141592653589793 * progress))
     warmup = float(warmup_steps)
     decay_steps = max(float(total_steps) - warmup, 1.0)
     progress = tf.clip_by_value((step - warmup) / decay_steps, 0.0, 1.0)
@@ -103,6 +127,46 @@ def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps:
     # would pass the peak.
     rising = tf.minimum(peak * (step + 1.0) / warmup, peak)
     return tf.where(step < warmup, rising, cosine)
+
+
+def lengthened(saved: TrainConfig, epochs: int, steps_taken: int,
+               steps_per_epoch: int) -> TrainConfig:
+    """``saved`` (a run that has taken ``steps_taken`` steps) trained to ``epochs``
+    instead: what ``--resume --epochs`` does to its learning-rate schedule.
+
+    - ``step`` and ``constant``: nothing (the boundaries are optimizer steps: the
+      run goes on at the rate it has reached, the last one once all are passed);
+    - ``cosine`` before its decay began (still in its warm-up, or at its very
+      start): the decay is stretched to the new end, which changes no step taken;
+    - ``cosine`` in its decay: the decay restarts at this step from the rate the
+      run had reached (the rate its own schedule gives this step), down to 0 at the
+      new end, so no step's rate jumps (``decay_from_step``/``decay_from_lr``,
+      recorded in config.json for later resumes);
+    - ``cosine`` that has ended (every step of the decay taken, rate 0): refused,
+      since a longer run would train at rate 0 (a ValueError that says so).
+    """
+    if epochs == saved.epochs or saved.lr_schedule != "cosine":
+        return saved.replace(epochs=epochs)
+    old_total = saved.epochs * steps_per_epoch
+    warmup = min(saved.warmup_epochs, saved.epochs) * steps_per_epoch
+    if steps_taken >= old_total:
+        raise ValueError(
+            f"its cosine schedule has ended (rate 0 after {old_total} steps), so more epochs "
+            "would train at rate 0; start a new run with the --epochs you want instead")
+    if steps_taken <= warmup and not saved.decay_from_step:
+        if min(saved.warmup_epochs, epochs) * steps_per_epoch == warmup:
+            return saved.replace(epochs=epochs)
+    rate = cosine_rate(saved, steps_taken, steps_per_epoch)
+    return saved.replace(epochs=epochs, decay_from_step=int(steps_taken), decay_from_lr=rate)
+
+
+def cosine_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The rate of ``cfg``'s schedule at optimizer step ``step``, computed by the same
+    ops as in the graph (:func:`learning_rate`), eagerly (no session): call it
+    outside ``graph.as_default()``."""
+    if not tf.executing_eagerly():
+        raise RuntimeError("cosine_rate runs eagerly: call it outside a graph's as_default()")
+    return float(learning_rate(cfg, tf.constant(step, tf.int64), steps_per_epoch))
 
 
 def make_optimizer(cfg: TrainConfig, lr):
@@ -145,9 +209,12 @@ class TrainTensors(ModelTensors):
     epochs_done: tf.Variable = None
     set_epochs_done: tf.Operation = None
     epoch_placeholder: tf.Tensor = None
-    epoch_progress: tf.Variable = None   # float64 [3]: loss sum, accuracy sum, seconds
+    epoch_progress: tf.Variable = None   # float64 [3]: loss sum, accuracy sum (of the applied
+    #                                      steps, added by train_op), seconds (set by the loop)
     progress_placeholder: tf.Tensor = None
-    set_epoch_progress: tf.Operation = None
+    set_epoch_progress: tf.Operation = None   # also sets epoch_skipped (fp16) to skipped_value
+    epoch_skipped: Optional[tf.Variable] = None   # (fp16) int64: this epoch's skipped steps
+    skipped_value: Optional[tf.Tensor] = None     # (fp16) its value for set_epoch_progress (0)
     batch_index: tf.Tensor = None
     data_images: tf.Tensor = None      # placeholders that load the training set
     data_labels: tf.Tensor = None
@@ -388,7 +455,7 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                                      global_step, scaling, statistics)
     train_op, ema = average_weights(cfg, train_op, global_step, applied)
     tensors = train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
-                             step_loss=t.loss, step_accuracy=t.accuracy)
+                             step_loss=t.loss, step_accuracy=t.accuracy, applied=applied)
     if ema is not None:
         tensors.ema = ema
         tensors.averaged = attach_averaged_model(cfg, mean, std, ema, precision=precision,
@@ -398,8 +465,12 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
 
 def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
                    inp: TrainInput, scaling: Optional[LossScaling], *, step_loss,
-                   step_accuracy) -> TrainTensors:
-    """The epoch counters and the :class:`TrainTensors` of a built training graph."""
+                   step_accuracy, applied=None) -> TrainTensors:
+    """The epoch counters and the :class:`TrainTensors` of a built training graph.
+
+    The train op also adds the step's ``step_loss`` and ``step_accuracy`` to the
+    epoch's running sums when the step is ``applied`` (fp16: from
+    :func:`minimize`; None: always) and counts it in ``epoch_skipped`` when not."""
     epochs_done = tf1.get_variable("epochs_done", [], tf.int64, tf1.zeros_initializer(),
                                    trainable=False)
     epoch_placeholder = tf1.placeholder(tf.int64, [], name="epoch")
@@ -408,8 +479,29 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
     epoch_progress = tf1.get_variable("epoch_progress", [3], tf.float64, tf1.zeros_initializer(),
                                       trainable=False)
     progress_placeholder = tf1.placeholder(tf.float64, [3], name="progress")
+    set_progress = [epoch_progress.assign(progress_placeholder)]
+    loss = tf.cast(step_loss, tf.float64)
+    accuracy = tf.cast(step_accuracy, tf.float64)
+    epoch_skipped = skipped_value = None
+    accumulate = []
+    if scaling is not None:
+        with tf1.variable_scope("loss_scaling"):
+            epoch_skipped = tf1.get_variable("epoch_skipped", [], tf.int64,
+                                             tf1.zeros_initializer(), trainable=False)
+        skipped_value = tf1.placeholder_with_default(tf.constant(0, tf.int64), [],
+                                                     name="skipped_value")
+        set_progress.append(epoch_skipped.assign(skipped_value))
+    if applied is not None:
+        # A skipped step's loss may be inf: where, not a multiplication by 0.
+        loss = tf.where(applied, loss, tf.zeros_like(loss))
+        accuracy = tf.where(applied, accuracy, tf.zeros_like(accuracy))
+        if epoch_skipped is not None:
+            accumulate.append(epoch_skipped.assign_add(
+                tf.where(applied, tf.constant(0, tf.int64), tf.constant(1, tf.int64))))
+    accumulate.append(epoch_progress.assign_add(
+        tf.stack([loss, accuracy, tf.constant(0.0, tf.float64)])))
     fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(ModelTensors)}
-    train_op = tf.group(train_op, name="train_op")
+    train_op = tf.group(train_op, *accumulate, name="train_op")
     skipped_after_step = None
     if scaling is not None:
         with tf.control_dependencies([train_op]):
@@ -422,7 +514,8 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
         epochs_done=epochs_done, set_epochs_done=epochs_done.assign(epoch_placeholder).op,
         epoch_placeholder=epoch_placeholder, epoch_progress=epoch_progress,
         progress_placeholder=progress_placeholder,
-        set_epoch_progress=epoch_progress.assign(progress_placeholder).op,
+        set_epoch_progress=tf.group(*set_progress), epoch_skipped=epoch_skipped,
+        skipped_value=skipped_value,
         batch_index=inp.batch_index,
         data_images=inp.data_images, data_labels=inp.data_labels,
         load_data=tf.group(inp.images_var.initializer, inp.labels_var.initializer,
@@ -432,6 +525,27 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
         skipped_steps=scaling.skipped_steps if scaling else None,
         skipped_after_step=skipped_after_step,
         step_loss=step_loss, step_accuracy=step_accuracy)
+
+
+# The loop reads the running sums (and checks them: NaN loss, fp16 skips) at least
+# every this many steps, besides the reads of the progress display and the epoch's end.
+READ_EVERY_STEPS = 20
+
+
+def step_fetches(t: TrainTensors, *, loss: bool = False, learning_rate: bool = False) -> list:
+    """What a training loop fetches at a step: the train op alone, plus the step's
+    loss (a TensorBoard point) and/or its rate (the epoch's last step) when asked,
+    in that order."""
+    return ([t.train_op] + ([t.step_loss] if loss else [])
+            + ([t.learning_rate] if learning_rate else []))
+
+
+def sums_fetches(t: TrainTensors) -> list:
+    """The epoch's running sums (float64 [3]), and with fp16 the epoch's skipped
+    steps and the loss scale: what the loop reads between steps."""
+    if t.epoch_skipped is None:
+        return [t.epoch_progress]
+    return [t.epoch_progress, t.epoch_skipped, t.loss_scale]
 
 
 def build_eval_graph(cfg: TrainConfig, mean, std, *, precision="fp32",

@@ -3,7 +3,8 @@ the machine (``info``).
 
 ``summary`` builds the inference graph and counts parameters per stage;
 ``bench`` builds the real training graph on random in-graph data and times
-training steps (forward, backward, update) after a warm-up.
+training steps (forward, backward, update) after a warm-up, with the fetches
+and reads of the training loop (graph.step_fetches, graph.sums_fetches).
 """
 
 import platform
@@ -15,7 +16,14 @@ import tensorflow as tf
 from . import data, fetch, runtime
 from .config import TrainConfig
 from .errors import DataError
-from .graph import MODEL_SCOPE, build_eval_graph, build_train_graph
+from .graph import (
+    MODEL_SCOPE,
+    READ_EVERY_STEPS,
+    build_eval_graph,
+    build_train_graph,
+    step_fetches,
+    sums_fetches,
+)
 from .models import STAGE_FILTERS, layer_counts
 from .precision import (
     check_runnable,
@@ -106,9 +114,15 @@ def benchmark(cfg: TrainConfig, *, steps: int = 50, warmup: int = 10,
             rows = slice(i * cfg.batch_size, (i + 1) * cfg.batch_size)
             return {t.images: images[rows], t.labels: labels[rows], t.training: True}
 
+        fetches, sums = step_fetches(t), sums_fetches(t)
+
         def run(count, offset):
+            # What the training loop runs: the train op alone at each step, and a read of
+            # the running sums every READ_EVERY_STEPS steps (train.Trainer.run_epoch).
             for i in range(count):
-                sess.run(t.train_op, feed_dict(offset + i))
+                sess.run(fetches, feed_dict(offset + i))
+                if (offset + i + 1) % READ_EVERY_STEPS == 0:
+                    sess.run(sums)
 
         run(warmup, 0)
         start = time.perf_counter()

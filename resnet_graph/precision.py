@@ -188,7 +188,16 @@ def steps_taken(global_step, scaling: Optional[LossScaling]):
 
 
 def all_finite(tensors):
-    return tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(x)) for x in tensors]))
+    """One bool: every element of every tensor is finite.
+
+    One check over all of them together (their elements in one float32 vector:
+    a reshape each, which copies nothing, one concatenation, one ``IsFinite``
+    and one ``All``) instead of a pair of kernels per tensor: a step of
+    ResNet-32 checks 157 gradients and statistics deltas, and on a GPU every
+    kernel launch costs about as much as a small one's work."""
+    flat = [tf.reshape(x if x.dtype == tf.float32 else tf.cast(x, tf.float32), [-1])
+            for x in map(tf.convert_to_tensor, tensors)]
+    return tf.reduce_all(tf.math.is_finite(tf.concat(flat, 0)))
 
 
 def guarded_update(scaling: LossScaling, finite, apply_update):

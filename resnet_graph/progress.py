@@ -37,9 +37,24 @@ def _eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _metrics(loss_sum, hits, applied, skipped) -> str:
+    """The running means (over ``applied`` steps) and, with fp16, the skipped steps."""
+    text = (f"loss {loss_sum / applied:.4f} acc {hits / applied:.4f}" if applied
+            else "loss - acc -")
+    return text if skipped is None else f"{text} skipped {skipped}"
+
+
 class _Nothing:
-    def update(self, step, loss_sum, hits, images_per_sec):
-        pass
+    def wants(self, step) -> bool:
+        """Whether :meth:`update` after 0-based ``step`` shows the running metrics
+        (the loop reads them from the graph only then)."""
+        return False
+
+    def update(self, step, loss_sum=None, hits=None, images_per_sec=0.0, *, skipped=None,
+               applied=None):
+        """After 0-based ``step``; the metrics (sums over the ``applied`` steps, by default
+        all ``step + 1``; ``skipped``: fp16's skipped steps, None to show none) are
+        given when :meth:`wants` said so."""
 
     def close(self):
         pass
@@ -53,12 +68,22 @@ class _Bar(_Nothing):
         self.bar = tqdm(desc=desc, unit="step", leave=False, dynamic_ncols=True, initial=first,
                         total=total, file=sys.stderr, disable=False)
 
-    def update(self, step, loss_sum, hits, images_per_sec):
+    def wants(self, step) -> bool:
+        done = step + 1
+        return (done - self.first) % POSTFIX_EVERY == 1 or done == self.bar.total
+
+    def update(self, step, loss_sum=None, hits=None, images_per_sec=0.0, *, skipped=None,
+               applied=None):
         done = step + 1
         self.bar.update(1)
-        if (done - self.first) % POSTFIX_EVERY == 1 or done == self.bar.total:
-            self.bar.set_postfix({"loss": f"{loss_sum / done:.3f}", "acc": f"{hits / done:.3f}",
-                                  "img_s": f"{images_per_sec:.0f}"}, refresh=True)
+        if loss_sum is not None and self.wants(step):
+            applied = done if applied is None else applied
+            postfix = {"loss": f"{loss_sum / applied:.3f}" if applied else "-",
+                       "acc": f"{hits / applied:.3f}" if applied else "-"}
+            if skipped is not None:
+                postfix["skipped"] = str(skipped)
+            postfix["img_s"] = f"{images_per_sec:.0f}"
+            self.bar.set_postfix(postfix, refresh=True)
 
     def close(self):
         self.bar.close()
@@ -71,14 +96,20 @@ class _Lines(_Nothing):
         self.desc, self.total, self.batch_size, self.log = desc, total, batch_size, log
         self.every = max(1, math.ceil(total / LINES_PER_EPOCH))
 
-    def update(self, step, loss_sum, hits, images_per_sec):
+    def wants(self, step) -> bool:
         done = step + 1
-        if done % self.every or done >= self.total:
+        return done % self.every == 0 and done < self.total
+
+    def update(self, step, loss_sum=None, hits=None, images_per_sec=0.0, *, skipped=None,
+               applied=None):
+        done = step + 1
+        if loss_sum is None or not self.wants(step):
             return
         eta = (_eta((self.total - done) * self.batch_size / images_per_sec)
                if images_per_sec > 0 else "?")
+        applied = done if applied is None else applied
         self.log(f"{self.desc} step {done}/{self.total} ({100 * done // self.total}%): "
-                 f"loss {loss_sum / done:.4f} acc {hits / done:.4f}  "
+                 f"{_metrics(loss_sum, hits, applied, skipped)}  "
                  f"{images_per_sec:.0f} img/s  ETA {eta}")
 
 

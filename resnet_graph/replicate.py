@@ -178,7 +178,8 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
         train_op, ema = average_weights(cfg, train_op, global_step, applied)
     with tf.device(device_prefix + variables_device):
         tensors = train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
-                                 step_loss=reduced["loss"], step_accuracy=reduced["accuracy"])
+                                 step_loss=reduced["loss"], step_accuracy=reduced["accuracy"],
+                                 applied=applied)
     if ema is not None:
         tensors.ema = ema
         with tf1.device(places[0]):

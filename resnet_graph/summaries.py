@@ -7,7 +7,8 @@ every run side by side. Tags:
 ``step/loss``              training loss of one step, every ``every_steps`` steps
 ``epoch/train_loss``       the history row of each epoch (also ``train_acc``,
 ``epoch/valid_loss`` ...   ``valid_loss``, ``valid_acc``, ``lr``,
-                           ``images_per_sec``), at the epoch's last step
+                           ``images_per_sec``, and with fp16 ``skipped_steps``),
+                           at the epoch's last step
 ``weights/<variable>``     histogram of each kernel, after epoch 1 and every
                            ``histogram_every`` epochs (about 2.6 kB a kernel,
                            85 kB for ResNet-32's 33: forty times the rest of
@@ -46,7 +47,8 @@ from .fsutil import write_failure_reason
 
 tf1 = tf.compat.v1
 
-EPOCH_FIELDS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "images_per_sec")
+EPOCH_FIELDS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "lr", "images_per_sec",
+                "skipped_steps")
 
 
 def _scalar(tag: str, value: float):

@@ -14,6 +14,7 @@ history never has gaps or duplicates.
 """
 
 import contextlib
+import dataclasses
 import math
 import pathlib
 import signal
@@ -28,7 +29,7 @@ from . import checkpoint, data, history
 from .config import TrainConfig, check_batch_split, run_facts
 from .errors import TrainingInterrupted, UserError
 from .evaluate import Metrics, evaluate
-from .graph import MODEL_SCOPE
+from .graph import MODEL_SCOPE, READ_EVERY_STEPS, lengthened, step_fetches, sums_fetches
 from .inputs import epoch_order
 from .precision import check_runnable, gpu_available, resolve_data_format, resolve_precision
 from .probes import GRAD_NORM, GradientProbe, attach_gradient_probe
@@ -42,6 +43,17 @@ tf1 = tf.compat.v1
 
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+@dataclasses.dataclass
+class EpochSums:
+    """The running sums of an epoch as read from the graph (``epoch_progress``):
+    of the applied steps only; with fp16 the skipped steps and the loss scale."""
+
+    loss_sum: float
+    hits: float
+    skipped: int = 0
+    scale: float = math.inf    # no loss scaling: no floor to reach
 
 
 class Trainer:
@@ -66,6 +78,8 @@ class Trainer:
     # The per-layer gradient norms of every epoch (history ``grad_norm``, probes.py); a
     # switch for measuring what they cost (bench/gradflow_cost.py), on in every run.
     record_gradients = True
+    read_every_steps = READ_EVERY_STEPS   # the running sums are read (and checked) at least
+    #                                       this often (graph.READ_EVERY_STEPS)
 
     def __init__(self, cfg: TrainConfig, dataset: data.Cifar10, run_dir, history_path, *,
                  resume: bool = False, log: Callable[[str], None] = print,
@@ -200,6 +214,8 @@ class Trainer:
         return RunSummaries(self.run_dir, every_steps=self.summary_steps)
 
     def before_train(self):
+        if self.resume:
+            self.cfg = self._lengthened()
         cfg, ds = self.cfg, self.dataset
         if not self.resume and ((self.run_dir / "config.json").exists() or (
                 self.history_path.exists() and history.has_run(self.history_path, cfg.name, guard=False))):
@@ -220,6 +236,8 @@ class Trainer:
             # and a run with epochs to go has no test results yet.
             saved = checkpoint.read_config(self.run_dir)
             config = dict(saved, epochs=cfg.epochs, **switched)
+            if cfg.decay_from_step:   # what the lengthening decided (see _lengthened)
+                config.update(decay_from_step=cfg.decay_from_step, decay_from_lr=cfg.decay_from_lr)
             if config != saved:
                 checkpoint.write_config_data(self.run_dir, config)
             unfinished = {key: None for key in history.FINAL_ATTRS} if done < cfg.epochs else {}
@@ -312,6 +330,27 @@ class Trainer:
                                              f"({e}); was config.json edited?") from None
         return resolved
 
+    def _lengthened(self) -> TrainConfig:
+        """``--resume --epochs N`` past the length in config.json: the configuration with
+        the schedule graph.lengthened decides for the steps the latest checkpoint has
+        taken (a cosine decay restarts from its current rate, an ended one is refused),
+        before anything is built or written."""
+        cfg = self.cfg
+        prefix = checkpoint.latest(self.run_dir)
+        if not prefix or not (self.run_dir / "config.json").is_file():
+            return cfg
+        before = int(checkpoint.read_config(self.run_dir).get("epochs", cfg.epochs))
+        if before >= cfg.epochs:
+            return cfg
+        reader = tf1.train.NewCheckpointReader(prefix)
+        taken = int(reader.get_tensor("global_step"))
+        if reader.has_tensor("loss_scaling/skipped_steps"):
+            taken += int(reader.get_tensor("loss_scaling/skipped_steps"))
+        try:
+            return lengthened(cfg.replace(epochs=before), cfg.epochs, taken, self.steps_per_epoch)
+        except ValueError as e:
+            raise UserError(f"run {cfg.name!r} cannot train to {cfg.epochs} epochs: {e}") from None
+
     def restore_position(self, prefix: str = "the checkpoint") -> int:
         """Where the restored variables say the run is: the next epoch, the step in
         it (from the steps *taken*, so fp16 steps that loss scaling skipped count,
@@ -339,47 +378,84 @@ class Trainer:
         written in the middle of this epoch. A requested stop ends it after the
         current step with a checkpoint (see :meth:`request_stop`).
         """
-        t, cfg = self.t, self.cfg
+        t, cfg, n = self.t, self.cfg, self.steps_per_epoch
         first = self.start_step if epoch == self.start_epoch else 0
-        loss_sum, hits, before = self.progress if first else (0.0, 0.0, 0.0)
+        before = self.progress[2] if first else 0.0
+        if not first:   # the graph's running sums start the epoch at zero
+            self.sess.run(t.set_epoch_progress, {t.progress_placeholder: [0.0, 0.0, 0.0]})
         start = time.perf_counter() - before
-        fetches = [t.train_op, t.step_loss, t.step_accuracy, t.learning_rate]
-        if t.skipped_steps is not None:      # fp16: a loss-scale skip is not a failure
-            fetches.append(t.skipped_after_step)
-        skipped = int(self.sess.run(t.skipped_steps)) if t.skipped_steps is not None else 0
-        bar = epoch_progress(f"epoch {epoch}/{cfg.epochs}", first, self.steps_per_epoch,
+        bar = epoch_progress(f"epoch {epoch}/{cfg.epochs}", first, n,
                              cfg.batch_size, enabled=self.progress_bar, log=self.log)
         lr = float("nan")
-        for step in range(first, self.steps_per_epoch):
-            _, loss, acc, lr, *skips = self.run_step(fetches, step)
-            if skips and skips[0] > skipped:
-                # Loss scaling skipped this step; if its loss overflowed too, count
-                # the epoch's running mean so far instead of inf.
-                skipped = skips[0]
-                if not math.isfinite(loss):
-                    loss = loss_sum / step if step else 0.0
-            if not math.isfinite(loss):
-                self._fail(f"loss became {loss} at epoch {epoch}, step {step + 1}; the last "
-                           "good checkpoint is kept: lower --lr and --resume")
-            loss_sum += loss
-            if self.summaries is not None:
-                self.summaries.step((epoch - 1) * self.steps_per_epoch + step + 1, loss)
-            hits += acc
+        sums = None
+        checked = first      # steps of the epoch whose loss the last read covered
+        for step in range(first, n):
+            number = (epoch - 1) * n + step + 1     # 1-based step of the run
+            point = self.summaries is not None and number % self.summaries.every_steps == 0
+            last = step + 1 == n
+            _, *out = self.run_step(step_fetches(t, loss=point, learning_rate=last), step)
+            if point:
+                self.summaries.step(number, out[0])
+            if last:
+                lr = out[-1]
             self.after_step(epoch, step)
-            if self.stop_signal is not None and step + 1 < self.steps_per_epoch:
+            stopping = self.stop_signal is not None and not last
+            done = step + 1
+            if stopping or last or bar.wants(step) or done - checked >= self.read_every_steps:
+                sums = self._read_sums(epoch, checked, done)
+                checked = done
+                elapsed = time.perf_counter() - start - before
+                rate = (done - first) * cfg.batch_size / elapsed if elapsed > 0 else 0.0
+                bar.update(step, sums.loss_sum, sums.hits, rate, applied=done - sums.skipped,
+                           skipped=sums.skipped if t.epoch_skipped is not None else None)
+            else:
+                bar.update(step)
+            if stopping:
                 bar.close()
-                self._stop(epoch, step + 1, (loss_sum, hits, time.perf_counter() - start))
-            elapsed = time.perf_counter() - start - before
-            bar.update(step, loss_sum, hits,
-                       (step + 1 - first) * cfg.batch_size / elapsed if elapsed > 0 else 0.0)
+                self._stop(epoch, done, (sums.loss_sum, sums.hits, time.perf_counter() - start),
+                           skipped=sums.skipped)
         bar.close()
         train_seconds = time.perf_counter() - start
-        n = self.steps_per_epoch
-        return {"epoch": epoch, "train_loss": loss_sum / n, "train_acc": hits / n,
-                "lr": float(lr), "train_seconds": train_seconds,
-                "images_per_sec": (n - first) * cfg.batch_size / (train_seconds - before)
-                if train_seconds > before else float("nan"),
-                "_start": start}
+        if sums is None:     # resumed from a checkpoint after the epoch's last step
+            sums = self._read_sums(epoch, first, n)
+        applied = n - sums.skipped
+        if applied == 0:
+            self._fail(f"fp16 loss scaling skipped every step of epoch {epoch} (inf or NaN "
+                       f"gradients at every loss scale down to {sums.scale:g}): the run is "
+                       f"diverging; the last good checkpoint is kept: lower --lr and --resume, "
+                       "or train in --precision fp32")
+        row = {"epoch": epoch, "train_loss": sums.loss_sum / applied,
+               "train_acc": sums.hits / applied,
+               "lr": float(lr), "train_seconds": train_seconds,
+               "images_per_sec": (n - first) * cfg.batch_size / (train_seconds - before)
+               if train_seconds > before else float("nan"),
+               "_start": start}
+        if t.epoch_skipped is not None:
+            row["skipped_steps"] = sums.skipped
+        return row
+
+    def _read_sums(self, epoch: int, after: int, done: int) -> "EpochSums":
+        """Read the graph's running sums after step ``done`` (1-based) of ``epoch`` and
+        fail on what they show: a loss that is not finite (it became so in one of steps
+        ``after + 1 .. done``, the ones since the last read), or with fp16 a loss scale
+        that fell to its floor."""
+        t = self.t
+        values = self.sess.run(sums_fetches(t))
+        sums = EpochSums(float(values[0][0]), float(values[0][1]))
+        if t.epoch_skipped is not None:
+            sums.skipped, sums.scale = int(values[1]), float(values[2])
+        if not math.isfinite(sums.loss_sum):
+            where = (f"step {done}" if done == after + 1 else
+                     f"one of steps {after + 1}-{done} (the loss is checked every "
+                     f"{self.read_every_steps} steps)")
+            self._fail(f"loss became {sums.loss_sum} at epoch {epoch}, {where}; the last good "
+                       "checkpoint is kept: lower --lr and --resume")
+        if sums.scale <= 1.0:
+            self._fail(f"fp16 loss scaling reached its floor (a scale of 1) at epoch {epoch}, "
+                       f"step {done}, with {sums.skipped} of the epoch's {done} steps skipped "
+                       "for inf or NaN gradients: the run is diverging; the last good checkpoint "
+                       "is kept: lower --lr and --resume, or train in --precision fp32")
+        return sums
 
     def _fail(self, message: str) -> None:
         """Mark the history run as failed (no row is appended) and stop with ``message``."""
@@ -393,15 +469,19 @@ class Trainer:
     def after_step(self, epoch: int, step: int) -> None:
         """Called after every training step (0-based ``step`` of ``epoch``); a hook."""
 
-    def _stop(self, epoch: int, steps_done: int, progress=None) -> None:
+    def _stop(self, epoch: int, steps_done: int, progress=None, skipped: int = 0) -> None:
         """Raise TrainingInterrupted after step ``steps_done`` of ``epoch``, with a checkpoint
-        of the epoch's running sums ``progress``; None: at the end of the epoch, whose own
-        checkpoint is the one to resume from."""
+        of the epoch's running sums ``progress`` (loss, accuracy, seconds) and ``skipped``
+        steps (fp16); None: at the end of the epoch, whose own checkpoint is the one to
+        resume from."""
         t = self.t
         if progress is None:
             prefix = checkpoint.require_latest(self.run_dir)
         else:
-            self.sess.run(t.set_epoch_progress, {t.progress_placeholder: list(progress)})
+            feed = {t.progress_placeholder: list(progress)}
+            if t.skipped_value is not None:
+                feed[t.skipped_value] = skipped
+            self.sess.run(t.set_epoch_progress, feed)
             prefix = checkpoint.save(self.sess, self.saver, self.run_dir,
                                      int(self.sess.run(t.steps_taken)))
         name = signal.Signals(self.stop_signal).name

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from synthetic import write_synthetic_cifar
 
-from resnet_graph import history
+from resnet_graph import checkpoint, history
 from resnet_graph.cli import cli
 
 TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "50", "--valid-size", "50"]
@@ -285,3 +285,19 @@ def test_nchw_without_onednn_trains_or_says_why_in_one_line(trained, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("Error: --data-format NCHW"), lines
         assert "NHWC" in lines[0]
         assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_fp16_run_stops_with_one_error_line(tiny_data_dir, tmp_path):
+    """lr 1e6 (issue 26): after the first update every step overflows at every loss
+    scale. The run stops when epoch 2 has skipped all its steps, with one Error line and
+    no traceback; epoch 1's checkpoint and history row stay, and the run is marked failed."""
+    result = CliRunner().invoke(cli, [str(a) for a in (
+        "train", "original", "--depth", "8", "--precision", "fp16", "--optimizer", "momentum",
+        "--lr", "1e6", "--epochs", "3", "--batch-size", "50", "--train-examples", "150",
+        "--valid-size", "50", "--data-dir", tiny_data_dir, "--out", tmp_path, "--quiet")])
+    assert_one_line_error(result, "fp16 loss scaling skipped every step of epoch 2",
+                          "--precision fp32")
+    run = history.read_run(tmp_path / "histories.h5", "original-8")
+    assert run.epochs == 1 and run.attrs["status"] == "failed"
+    assert run.columns["skipped_steps"][0] > 0
+    assert checkpoint.latest(tmp_path / "original-8").endswith("model.ckpt-3")  # epoch 1's

@@ -135,3 +135,66 @@ def test_sigint_to_the_cli_checkpoints_and_says_how_to_resume(tiny_data_dir, tmp
     run = history.read_run(tmp_path / "histories.h5", "plain-8")
     assert list(run.columns["epoch"]) == list(range(1, done + 2))
     assert "test_acc" in run.attrs
+
+
+class RatesAt(StopAt):
+    """Records (steps taken before it, rate) of every step it runs."""
+
+    def __init__(self, *args, rates, **kw):
+        super().__init__(*args, **kw)
+        self.rates = rates
+
+    def run_step(self, fetches, step):
+        t = self.t
+        taken = int(self.sess.run(t.steps_taken))
+        *out, lr = self.sess.run(list(fetches) + [t.learning_rate],
+                                 {t.batch_index: step, t.training: True})
+        self.rates.append((taken, float(lr)))
+        return out
+
+
+def test_lengthening_a_cosine_run_restarts_its_decay_from_the_rate_it_reached(
+        tiny_data_dir, tmp_path):
+    """`--resume --epochs 4` on a 3-epoch cosine run stopped after epoch 1 (5 steps an
+    epoch): the steps before the seam trained on the 3-epoch schedule; the first step
+    after it trains at the rate that schedule gives it, r, and the rest decays from r
+    along a half cosine to 0 at the new end; config.json records it, so a stop and a
+    plain --resume later rebuild the same schedule. An ended schedule is refused."""
+    from resnet_graph.graph import cosine_rate
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    hist = tmp_path / "h.h5"
+    quiet = dict(log=lambda s: None, progress=False)
+    cfg = tiny_config(name="cos", epochs=3, lr=0.1, lr_schedule="cosine", warmup_epochs=0.4,
+                      augment=False)
+    rates = []
+    with pytest.raises(TrainingInterrupted):   # a stop in epoch 1's last step: at its end
+        RatesAt(cfg, ds, tmp_path / "cos", hist, rates=rates, stop_at=(1, 4), **quiet).run()
+    assert [s for s, _ in rates] == [0, 1, 2, 3, 4]
+    old = [cosine_rate(cfg, s, 5) for s in range(15)]
+    np.testing.assert_allclose([r for _, r in rates], old[:5], rtol=1e-6)
+    with pytest.raises(TrainingInterrupted):   # lengthened to 4 epochs, stopped in epoch 2
+        RatesAt(cfg.replace(epochs=4), ds, tmp_path / "cos", hist, rates=rates, resume=True,
+                stop_at=(2, 2), **quiet).run()
+    saved = checkpoint.read_config(tmp_path / "cos")
+    assert saved["epochs"] == 4 and saved["decay_from_step"] == 5
+    np.testing.assert_allclose(saved["decay_from_lr"], old[5], rtol=1e-6)
+    # The seam: the last step before it and the first after it.
+    assert rates[4] == (4, pytest.approx(old[4], rel=1e-6))
+    assert rates[5] == (5, pytest.approx(old[5], rel=1e-6))
+    assert 0.0 < old[5] < old[4] < 0.1
+    # The resume without --epochs that the stop printed: config.json's schedule.
+    train_run(tiny_config(name="cos"), data_dir=tiny_data_dir, out=tmp_path, history_path=hist,
+              resume=True, quiet=True)
+    run = history.read_run(hist, "cos")
+    assert list(run.columns["epoch"]) == [1, 2, 3, 4]
+    # The decay from old[5] at step 5 to 0 at step 20, as each epoch's last step saw it.
+    want = [old[5] * 0.5 * (1 + np.cos(np.pi * (5 * e - 1 - 5) / 15)) for e in range(2, 5)]
+    np.testing.assert_allclose(run.columns["lr"][1:], want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(run.columns["lr"][0], old[4], rtol=1e-6)
+    # Finished (rate 0): a longer run would train at rate 0, so it is refused.
+    before = hist.read_bytes()
+    with pytest.raises(UserError, match="cosine schedule has ended.*start a new run"):
+        train_run(tiny_config(name="cos"), data_dir=tiny_data_dir, out=tmp_path,
+                  history_path=hist, resume=True, epochs_override=8, quiet=True)
+    assert hist.read_bytes() == before
+    assert checkpoint.read_config(tmp_path / "cos")["epochs"] == 4

@@ -41,8 +41,8 @@ def overflowing():
 
 
 class Recorded(Trainer):
-    """Records, for every step run: (epoch, step, batch index, steps taken before it,
-    rate, a checksum of the augmented batch, skipped-so-far after it)."""
+    """Records, for every step run: (epoch, step, steps taken before it, rate, a checksum
+    of the augmented batch, skipped-so-far after it, its loss, its accuracy)."""
 
     def __init__(self, *args, records, crash_before_epoch=None, stop_at=None, **kw):
         super().__init__(*args, **kw)
@@ -60,10 +60,13 @@ class Recorded(Trainer):
     def run_step(self, fetches, step):
         t = self.t
         taken = int(self.sess.run(t.steps_taken))
-        out = self.sess.run(list(fetches) + [t.images], {t.batch_index: step, t.training: True})
-        *out, images = out
-        self.records.append((self.epoch, step, taken, float(out[3]),
-                             zlib.crc32(images.tobytes()), int(self.sess.run(t.skipped_steps))))
+        out = self.sess.run(list(fetches) + [t.images, t.learning_rate, t.step_loss,
+                                             t.step_accuracy],
+                            {t.batch_index: step, t.training: True})
+        *out, images, lr, loss, acc = out
+        self.records.append((self.epoch, step, taken, float(lr),
+                             zlib.crc32(images.tobytes()), int(self.sess.run(t.skipped_steps)),
+                             float(loss), float(acc)))
         return out
 
     def after_step(self, epoch, step):
@@ -90,14 +93,16 @@ def dataset(tiny_data_dir):
 def straight(dataset, tmp_path_factory, overflowing):
     """The uninterrupted run that the stopped ones are compared with (trained once)."""
     root = tmp_path_factory.mktemp("straight")
-    records = []
+    records, lines = [], []
+    # Progress lines (not a terminal under pytest): one after each of steps 1-4 of 5.
     Recorded(fp16_config("straight"), dataset, root / "straight", root / "h.h5",
-             records=records, **QUIET).run()
-    return records, _variables(root / "straight"), history.read_run(root / "h.h5", "straight")
+             records=records, log=lines.append, progress=True).run()
+    return (records, _variables(root / "straight"), history.read_run(root / "h.h5", "straight"),
+            (root / "straight", lines))
 
 
 def _compare(straight, records, run_dir, hist, name):
-    want_records, want_vars, want_run = straight
+    want_records, want_vars, want_run, _ = straight
     # Same batches, augmentation, rates and positions, step by step.
     assert [r[:5] for r in records] == [r[:5] for r in want_records]
     assert [r[5] for r in records] == [r[5] for r in want_records]
@@ -119,7 +124,7 @@ def _compare(straight, records, run_dir, hist, name):
 
 
 def test_forced_skips_happen_throughout_and_statistics_stay_finite(straight):
-    records, variables, _ = straight
+    records, variables, *_ = straight
     skipped = [r[5] for r in records]
     increments = np.diff([0] + skipped)
     # Skips in every epoch, and applied steps in every epoch too.
@@ -132,6 +137,52 @@ def test_forced_skips_happen_throughout_and_statistics_stay_finite(straight):
     for key, value in variables.items():
         if "moving_" in key:
             assert np.isfinite(value).all(), key
+
+
+def test_the_history_the_progress_lines_and_tensorboard_count_the_skips(straight):
+    """Each epoch's skipped steps are the history column ``skipped_steps``, the
+    ``epoch/skipped_steps`` event and the progress lines' count; the epoch's training
+    loss and accuracy are the means of its applied steps only."""
+    from test_tensorboard import read_events
+    records, _, run, (run_dir, lines) = straight
+    skipped_after = [r[5] for r in records]
+    skipped_step = np.diff([0] + skipped_after) > 0
+    want_skips, want_loss, want_acc = [], [], []
+    for epoch in (1, 2, 3):
+        mine = [i for i, r in enumerate(records) if r[0] == epoch]
+        applied = [i for i in mine if not skipped_step[i]]
+        want_skips.append(len(mine) - len(applied))
+        want_loss.append(np.mean([records[i][6] for i in applied]))
+        want_acc.append(np.mean([records[i][7] for i in applied]))
+    assert all(0 < k < STEPS_PER_EPOCH for k in want_skips), want_skips
+    assert list(run.columns["skipped_steps"]) == want_skips
+    np.testing.assert_allclose(run.columns["train_loss"], want_loss, rtol=1e-6)
+    np.testing.assert_allclose(run.columns["train_acc"], want_acc, rtol=1e-6)
+    scalars, _, _ = read_events(run_dir)
+    assert [v for _, v in scalars["epoch/skipped_steps"]] == want_skips
+    # The progress line after step s of an epoch counts the epoch's skips so far.
+    for epoch in (1, 2, 3):
+        base = skipped_after[(epoch - 1) * STEPS_PER_EPOCH - 1] if epoch > 1 else 0
+        for s in range(1, STEPS_PER_EPOCH):
+            line = [x for x in lines if x.startswith(f"epoch {epoch}/3 step {s}/")]
+            want = skipped_after[(epoch - 1) * STEPS_PER_EPOCH + s - 1] - base
+            assert len(line) == 1 and f" skipped {want} " in line[0], (line, want)
+
+
+def test_a_run_whose_loss_scale_falls_to_its_floor_stops(dataset, tmp_path, monkeypatch):
+    """Scale 2 at the start and lr 1e6: the first step applies (and blows the weights
+    up), the second overflows and halves the scale to its floor of 1, and the read at
+    the end of epoch 1 stops the run with one error, before the epoch's row."""
+    from resnet_graph.errors import UserError
+    monkeypatch.setattr(policy, "INITIAL_LOSS_SCALE", 2.0)
+    cfg = TrainConfig(model="original", depth=8, epochs=2, batch_size=20, valid_size=50,
+                      train_examples=STEPS_PER_EPOCH * 20, lr=1e6, optimizer="momentum",
+                      precision="fp16", name="floor")
+    with pytest.raises(UserError, match=r"reached its floor \(a scale of 1\) at epoch 1, "
+                                        r"step 5, with [1-4] of the epoch's 5 steps skipped"):
+        Trainer(cfg, dataset, tmp_path / "floor", tmp_path / "h.h5", **QUIET).run()
+    run = history.read_run(tmp_path / "h.h5", "floor")
+    assert run.epochs == 0 and run.attrs["status"] == "failed"
 
 
 def test_resume_at_an_epoch_boundary_after_skips(dataset, tmp_path, straight, overflowing):

@@ -123,16 +123,76 @@ def test_the_layout_is_threaded_through_every_op(precision):
         assert len(transposes) == (1 if fmt == "NCHW" else 0)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_nchw_graph_trains_and_matches_nhwc(precision):
+def _one_step(cfg, precision="fp32", data_format="NHWC", n=8, initial=None):
+    """Build ``cfg``'s training graph, load ``initial`` weights into it (by default its
+    seeded initialisation: under XLA the compiled initialisers round differently), feed
+    n random images, and return the initial weights, the loss, logits and gradients of
+    total_loss on the first batch, and the weights and batch-norm statistics after one
+    training step."""
+    g = tf.Graph()
+    with g.as_default():
+        t = build_train_graph(cfg, (120,) * 3, (60,) * 3, n, precision=precision,
+                              data_format=data_format)
+        weights = tf1.trainable_variables(MODEL_SCOPE)
+        stats = [v for v in tf1.global_variables(MODEL_SCOPE) if "moving_" in v.op.name]
+        grads = tf.gradients(t.total_loss, weights)
+        init = tf1.global_variables_initializer()
+    with tf1.Session(graph=g) as sess:
+        sess.run(init)
+        for variable, value in zip(weights, initial or ()):
+            variable.load(value, sess)
+        rng = np.random.default_rng(0)
+        sess.run(t.load_data, {t.data_images: rng.integers(0, 256, (n, 32, 32, 3), np.uint8),
+                               t.data_labels: rng.integers(0, 10, n, dtype=np.int32)})
+        feed = {t.batch_index: 0, t.training: True}
+        before = sess.run(weights)
+        loss, logits, gradients = sess.run([t.loss, t.logits, grads], feed)
+        sess.run(t.train_op, feed)
+        after, statistics = sess.run([weights, stats])
+    names = [v.op.name for v in weights]
+    return dict(names=names, before=before, loss=loss, logits=logits, grads=gradients,
+                after=after, stats=statistics, compiled=any(
+                    "_XlaCompile" in op.node_def.attr for op in g.get_operations()))
+
+
+# Measured on the 2-core AMD EPYC (TensorFlow 2.21, oneDNN on): preact's NCHW
+# forward pass equals NHWC's (logits within 1e-6), but the gradient reaching the output
+# of stage2/block1/bn1 (the batch norm of the first downsampling block, whose input also
+# feeds the shortcut) differs by up to 10% of its largest entry, though the gradient at
+# the ReLU right after it agrees to 1e-6; every gradient before it (stage 1, stem) is off
+# by 0.2-7%. original, whose blocks normalise after the convolution, agrees everywhere.
+PREACT_NCHW = pytest.mark.xfail(
+    strict=True, reason="preact NCHW gradients before stage2/block1/bn1 differ from NHWC's "
+    "on the CPU (oneDNN); under investigation, issue 26")
+
+
+@pytest.mark.parametrize("precision, model", [
+    ("fp32", "original"), pytest.param("fp32", "preact", marks=PREACT_NCHW),
+    # bf16's own rounding (below) is larger than preact's NCHW difference.
+    ("bf16", "original"), ("bf16", "preact")])
+def test_nchw_graph_trains_and_matches_nhwc(precision, model):
+    """The same network in NCHW and NHWC (same initial weights): the same loss, logits,
+    gradient of every variable, and weights and batch-norm statistics after a step."""
     _needs_kernel("NCHW", precision)
-    results = {}
-    for fmt in ("NHWC", "NCHW"):
-        sess, t, _ = _session(precision, fmt, model="preact")
-        with sess:
-            results[fmt] = sess.run([t.loss, t.logits], {t.training: True})
+    cfg = TrainConfig(model=model, depth=8, batch_size=8, optimizer="momentum", lr=0.1)
+    nhwc, nchw = (_one_step(cfg, precision, fmt) for fmt in ("NHWC", "NCHW"))
+    for a, b in zip(nhwc["before"], nchw["before"]):
+        np.testing.assert_array_equal(a, b)
+    # bf16 rounds each activation to 8 bits of mantissa, in a different order per layout.
     tol = 1e-4 if precision == "fp32" else 5e-2
-    np.testing.assert_allclose(results["NCHW"][0], results["NHWC"][0], rtol=tol, atol=tol)
+    np.testing.assert_allclose(nchw["loss"], nhwc["loss"], rtol=tol, atol=tol)
+    np.testing.assert_allclose(nchw["logits"], nhwc["logits"], rtol=tol, atol=tol)
+    # Gradients: NCHW's distance from NHWC at most 1e-4 of the gradient's norm (fp32), or
+    # (bf16, whose gradients sum a batch's pixels in 8-bit mantissas, in another order
+    # per layout) at most twice bf16's own distance from the fp32 gradient.
+    exact = _one_step(cfg, "fp32", "NHWC")["grads"] if precision == "bf16" else nhwc["grads"]
+    for name, a, b, c in zip(nhwc["names"], nhwc["grads"], nchw["grads"], exact):
+        limit = max(1e-4 * np.linalg.norm(a), 2 * np.linalg.norm(a - c))
+        assert np.linalg.norm(b - a) <= limit, name
+    for name, a, b in zip(nhwc["names"], nhwc["after"], nchw["after"]):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol * 1e-1, err_msg=name)
+    for a, b in zip(nhwc["stats"], nchw["stats"]):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol * 1e-1)
 
 
 def test_a_setting_without_a_kernel_is_refused_with_the_reason_and_the_alternative(
@@ -198,20 +258,20 @@ def test_no_needless_casts_or_transposes_in_the_step(precision):
 
 
 def test_xla_step_runs_and_agrees_with_the_plain_step():
+    """One compiled training step (momentum SGD, lr 0.1) leaves every weight and batch-norm
+    statistic within 1e-5 + 1e-4 relative of the plain step's, and every weight moved
+    by more than that (so the comparison sees the update)."""
     _needs_kernel("NHWC", "fp32", xla=True)
-    losses = []
-    for xla in (False, True):
-        cfg = TrainConfig(depth=8, batch_size=4, xla=xla, optimizer="momentum", lr=1e-3)
-        g = tf.Graph()
-        with g.as_default():
-            t = build_train_graph(cfg, (120,) * 3, (60,) * 3, 8, precision="fp32")
-            init = tf1.global_variables_initializer()
-            compiled = [op for op in g.get_operations() if "_XlaCompile" in op.node_def.attr]
-        assert bool(compiled) == xla
-        with tf1.Session(graph=g) as sess:
-            sess.run(init)
-            rng = np.random.default_rng(0)
-            sess.run(t.load_data, {t.data_images: rng.integers(0, 256, (8, 32, 32, 3), np.uint8),
-                                   t.data_labels: rng.integers(0, 10, 8, dtype=np.int32)})
-            losses.append(sess.run([t.train_op, t.loss], {t.training: True})[1])
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    plain = _one_step(TrainConfig(depth=8, batch_size=4, optimizer="momentum", lr=0.1))
+    compiled = _one_step(TrainConfig(depth=8, batch_size=4, xla=True, optimizer="momentum",
+                                     lr=0.1), initial=plain["before"])
+    assert not plain["compiled"] and compiled["compiled"]
+    for a, b in zip(plain["before"], compiled["before"]):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(compiled["loss"], plain["loss"], rtol=1e-5)
+    for name, start, a, b in zip(plain["names"], plain["before"], plain["after"],
+                                 compiled["after"]):
+        assert np.abs(a - start).max() > 1e-3, f"{name} did not move"
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=name)
+    for a, b in zip(plain["stats"], compiled["stats"]):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

@@ -118,18 +118,39 @@ def test_label_smoothing_changes_the_minimised_loss_only():
 
 
 def test_total_loss_is_the_smoothed_loss_plus_decay(tiny_data_dir):
+    """total_loss = smoothed loss + wd * sum(||k||^2) / 2 over the convolution and dense
+    kernels, and over nothing else: the decay term's value, and its gradient (wd * k for
+    a kernel, none for a bias or a batch-norm scale or offset)."""
     ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    wd = 0.01
     cfg = TrainConfig(model="original", depth=8, batch_size=50, valid_size=50,
-                      label_smoothing=0.2, weight_decay=0.0)
+                      label_smoothing=0.2, weight_decay=wd)
     g = tf.Graph()
     with g.as_default():
         t = build_train_graph(cfg, ds.mean, ds.std, len(ds.train))
+        smoothed_t = g.get_tensor_by_name("smoothed_loss:0")
+        variables = tf1.trainable_variables("model")
+        grads = tf.gradients(t.total_loss - smoothed_t, variables)
         init = tf1.global_variables_initializer()
         with tf1.Session(graph=g) as sess:
             sess.run(init)
             sess.run(t.load_data, {t.data_images: ds.train.images, t.data_labels: ds.train.labels})
-            total, smoothed = sess.run([t.total_loss, g.get_tensor_by_name("smoothed_loss:0")])
-    assert total == pytest.approx(smoothed, rel=1e-6)
+            total, smoothed, values, decay_grads = sess.run(
+                [t.total_loss, smoothed_t, variables, grads])
+    names = [v.op.name for v in variables]
+    kernels = [n for n in names if n.endswith("/kernel")]
+    # depth 8: the stem, 2 convolutions in each of 3 stages, and the dense layer.
+    assert len(kernels) == 8 and "model/dense/kernel" in kernels
+    assert any(n.endswith("/gamma") for n in names) and "model/dense/bias" in names
+    want = wd * sum(0.5 * float(np.sum(np.square(v, dtype=np.float64)))
+                    for n, v in zip(names, values) if n in kernels)
+    assert want > 1e-3    # not negligible next to float32 rounding of the total
+    assert total - smoothed == pytest.approx(want, rel=1e-4)
+    for name, value, grad in zip(names, values, decay_grads):
+        if name in kernels:
+            np.testing.assert_allclose(grad, wd * value, rtol=1e-4, atol=1e-9, err_msg=name)
+        else:   # the smoothed loss's own gradient cancels: what is left is the decay's
+            assert grad is None or np.abs(grad).max() < 1e-6, name
 
 
 def test_nesterov_reaches_the_optimizer(tiny_data_dir):

@@ -210,9 +210,15 @@ def test_trainer_refuses_a_batch_larger_than_the_data(tiny_data_dir, tmp_path):
 
 
 class PoisonAt(Trainer):
-    """A trainer whose weights turn NaN after step 0 of epoch 2 (a diverging run)."""
+    """A trainer whose weights turn NaN after step 0 of epoch 2 (a diverging run); it
+    records the steps it ran."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.steps_run = []
 
     def after_step(self, epoch, step):
+        self.steps_run.append((epoch, step))
         if (epoch, step) == (2, 0):
             kernel = [v for v in self.sess.graph.get_collection("trainable_variables")
                       if v.op.name.endswith("stem/conv/kernel")][0]
@@ -220,13 +226,26 @@ class PoisonAt(Trainer):
                 kernel.load(np.full(kernel.shape, np.nan, np.float32), self.sess)
 
 
-def test_a_diverging_run_stops_and_is_marked_failed(tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("read_every, message, last_step", [
+    # The loss is read after every step: the failing step is named.
+    (1, "loss became nan at epoch 2, step 2;", 1),
+    # Read every 2 steps: the run stops at the first read after the NaN, naming its window.
+    (2, r"loss became nan at epoch 2, one of steps 1-2 \(the loss is checked every 2 steps\)",
+     1),
+    # The default (20 > 5 steps per epoch): at the latest at the epoch's end, before its row.
+    (None, "loss became nan at epoch 2, one of steps 1-5", 4),
+])
+def test_a_diverging_run_stops_and_is_marked_failed(tiny_data_dir, tmp_path, read_every,
+                                                     message, last_step):
     ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
     hist = tmp_path / "h.h5"
     trainer = PoisonAt(tiny_config(epochs=3), ds, tmp_path / "run", hist,
                        log=lambda s: None, progress=False)
-    with pytest.raises(UserError, match="loss became nan at epoch 2, step 2"):
+    if read_every is not None:
+        trainer.read_every_steps = read_every
+    with pytest.raises(UserError, match=message):
         trainer.run()
+    assert trainer.steps_run[-1] == (2, last_step)   # no step after the read that saw it
     run = history.read_run(hist, "original-8")
     assert run.attrs["status"] == "failed" and "epoch 2" in run.attrs["failure"]
     assert run.epochs == 1                      # no garbage row appended
