@@ -480,8 +480,6 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
                                       trainable=False)
     progress_placeholder = tf1.placeholder(tf.float64, [3], name="progress")
     set_progress = [epoch_progress.assign(progress_placeholder)]
-    loss = tf.cast(step_loss, tf.float64)
-    accuracy = tf.cast(step_accuracy, tf.float64)
     epoch_skipped = skipped_value = None
     accumulate = []
     if scaling is not None:
@@ -491,15 +489,16 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
         skipped_value = tf1.placeholder_with_default(tf.constant(0, tf.int64), [],
                                                      name="skipped_value")
         set_progress.append(epoch_skipped.assign(skipped_value))
-    if applied is not None:
-        # A skipped step's loss may be inf: where, not a multiplication by 0.
-        loss = tf.where(applied, loss, tf.zeros_like(loss))
-        accuracy = tf.where(applied, accuracy, tf.zeros_like(accuracy))
-        if epoch_skipped is not None:
-            accumulate.append(epoch_skipped.assign_add(
-                tf.where(applied, tf.constant(0, tf.int64), tf.constant(1, tf.int64))))
-    accumulate.append(epoch_progress.assign_add(
-        tf.stack([loss, accuracy, tf.constant(0.0, tf.float64)])))
+    with tf1.name_scope("epoch_sums"):
+        step = tf.stack([tf.cast(step_loss, tf.float32), tf.cast(step_accuracy, tf.float32),
+                         tf.constant(0.0)])
+        if applied is not None:
+            # A skipped step's loss may be inf: where, not a multiplication by 0.
+            step = tf.where(applied, step, tf.zeros_like(step))
+            if epoch_skipped is not None:
+                accumulate.append(epoch_skipped.assign_add(
+                    tf.where(applied, tf.constant(0, tf.int64), tf.constant(1, tf.int64))))
+        accumulate.append(epoch_progress.assign_add(tf.cast(step, tf.float64)))
     fields = {f.name: getattr(t, f.name) for f in dataclasses.fields(ModelTensors)}
     train_op = tf.group(train_op, *accumulate, name="train_op")
     skipped_after_step = None
