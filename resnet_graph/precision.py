@@ -38,6 +38,7 @@ COMPUTE_DTYPES = {"fp32": tf.float32, "fp16": tf.float16, "bf16": tf.bfloat16}
 INITIAL_LOSS_SCALE = 2.0 ** 15
 MAX_LOSS_SCALE = 2.0 ** 24
 LOSS_SCALE_GROWTH_STEPS = 2000
+LOSS_SCALE_BACKOFF = 2.0   # a skipped step divides the scale by this (not below 1)
 
 
 def gpu_available() -> bool:
@@ -216,7 +217,7 @@ def guarded_update(scaling: LossScaling, finite, apply_update):
                 good.assign(tf.where(grow, tf.zeros_like(good), good + 1)))
 
     def skip():
-        return tf.group(scale.assign(tf.maximum(scale / 2.0, 1.0)),
+        return tf.group(scale.assign(tf.maximum(scale / LOSS_SCALE_BACKOFF, 1.0)),
                         good.assign(tf.zeros_like(good)), skipped.assign_add(1))
 
     return tf.cond(finite, apply, skip)

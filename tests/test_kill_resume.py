@@ -1,6 +1,7 @@
 """SIGKILL at random moments, resume, repeat: nothing is lost (tests/torture.py).
 
-The short form (10 kills, ~2 minutes on 2 cores) runs with the suite; the long form
+The short form (6 kills; 10 took 227 s of a 15-minute suite on the AVX2 EPYC, and under load
+the run sometimes ended before the tenth kill landed) runs with the suite; the long form
 (100 kills, 31 minutes measured on a busy 2-core machine) is marked ``slow`` and runs
 only with ``pytest -m slow``.
 """
@@ -38,9 +39,9 @@ def check(summary, kills):
     assert summary["history_equal"]
 
 
-def test_ten_sigkills_lose_nothing_and_change_no_bit(torture, tmp_path):
-    summary = torture.torture(10, 0, tmp_path / "work", cli_eval=False, log=lambda line: None)
-    check(summary, 10)
+def test_six_sigkills_lose_nothing_and_change_no_bit(torture, tmp_path):
+    summary = torture.torture(6, 0, tmp_path / "work", cli_eval=False, log=lambda line: None)
+    check(summary, 6)
 
 
 @pytest.mark.slow

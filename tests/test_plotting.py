@@ -33,11 +33,18 @@ def fake_run(name: str, epochs: int, *, best: float = 0.9, test_acc=None, lr=Tru
     return Run(name=name, columns=columns, attrs=attrs)
 
 
+# The figures with one panel per model family grow with the families (5 inches each + 1).
+PANELS = {"error.png", "grad_norm.png"}
+
+
 def assert_png(path: Path, size=(500, 800)) -> None:
     assert path.is_file()
     assert path.read_bytes()[:8] == PNG_MAGIC
     image = matplotlib.image.imread(path)
-    assert image.shape[:2] == size
+    if path.name in PANELS:
+        assert image.shape[0] == 480 and (image.shape[1] - 100) % 500 == 0, image.shape
+    else:
+        assert image.shape[:2] == size
 
 
 def test_writes_all_plots_for_several_runs(tmp_path):
@@ -46,7 +53,7 @@ def test_writes_all_plots_for_several_runs(tmp_path):
     out = tmp_path / "figures" / "nested"
     written = plotting.plot_runs(runs, out)
     names = [p.name for p in written]
-    assert names == ["loss.png", "accuracy.png", "lr.png", "final_accuracy.png"]
+    assert names == ["loss.png", "accuracy.png", "error.png", "lr.png", "final_accuracy.png"]
     for path in written:
         assert path.parent == out
         assert_png(path)
@@ -55,7 +62,7 @@ def test_writes_all_plots_for_several_runs(tmp_path):
 
 def test_single_run_has_no_bar_chart(tmp_path):
     written = plotting.plot_runs([fake_run("only", 5)], tmp_path)
-    assert [p.name for p in written] == ["loss.png", "accuracy.png", "lr.png"]
+    assert [p.name for p in written] == ["loss.png", "accuracy.png", "error.png", "lr.png"]
 
 
 def test_without_learning_rate_no_lr_plot(tmp_path):
@@ -68,7 +75,7 @@ def test_without_learning_rate_no_lr_plot(tmp_path):
 def test_lines_labels_and_styles():
     runs = [fake_run("a", 6), fake_run("b", 3)]
     colours = plotting._colours(2)
-    fig = plotting._accuracy_figure(runs, colours)
+    fig = plotting._accuracy_figure(runs, colours, plotting._group_keys(runs))
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert set(lines) == {"a train", "a valid", "b train", "b valid"}
@@ -120,7 +127,7 @@ def test_selection_from_a_history_file(tmp_path):
             history.append_epoch(path, name, {k: v[i] for k, v in run.columns.items()})
     selected = history.read_history(path, ["b"])
     written = plotting.plot_runs(selected, tmp_path / "one")
-    assert [p.name for p in written] == ["loss.png", "accuracy.png", "lr.png"]
+    assert [p.name for p in written] == ["loss.png", "accuracy.png", "error.png", "lr.png"]
     # "c" has no epochs yet: it is skipped, the two others are plotted
     written = plotting.plot_runs(history.read_history(path), tmp_path / "all")
     assert "final_accuracy.png" in [p.name for p in written]

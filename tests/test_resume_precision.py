@@ -42,14 +42,16 @@ def _made_run(tmp_path_factory, tiny_data_dir, precision, **recorded):
 @pytest.fixture(scope="module")
 def gpu_made(tmp_path_factory, tiny_data_dir):
     """As a GPU machine makes it: auto resolved to fp16 (NHWC); a loss scale that
-    overflows makes loss scaling skip both steps of its epoch."""
+    overflows makes loss scaling skip the first step of its epoch, and the scale it then
+    falls to (2^40 / 2^30) applies the second (an epoch of skips only would fail the run)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(precision, "INITIAL_LOSS_SCALE", 2.0 ** 40)
+        mp.setattr(precision, "LOSS_SCALE_BACKOFF", 2.0 ** 30)
         out = _made_run(tmp_path_factory, tiny_data_dir, "fp16", resolved_precision="fp16",
                         resolved_data_format="NHWC")
     prefix = checkpoint.latest(out / "r")
-    assert tf.train.load_variable(prefix, "loss_scaling/skipped_steps") == 2   # all skipped
-    assert tf.train.load_variable(prefix, "global_step") == 0
+    assert tf.train.load_variable(prefix, "loss_scaling/skipped_steps") == 1
+    assert tf.train.load_variable(prefix, "global_step") == 1
     return out
 
 
@@ -116,7 +118,7 @@ def test_a_run_this_machine_cannot_continue_is_one_error_line_and_nothing_change
     assert result.exit_code == 0, result.output
     assert f"goes on in {here} {layout} (it trained in fp16 NCHW until now)" in result.output
     prefix = checkpoint.latest(out / "r")
-    # The 2 skipped fp16 steps stay counted: 2 epochs of 2 steps were taken.
+    # The skipped fp16 step stays counted: 2 epochs of 2 steps were taken.
     assert prefix.endswith("-4") and tf.train.load_variable(prefix, "global_step") == 4
     assert not [n for n in _checkpoint_names(prefix) if n.startswith("loss_scaling")]
     saved = checkpoint.read_config(out / "r")
