@@ -275,11 +275,12 @@ def _responses_figure(responses: list[dict]) -> Figure:
     top.set_xlabel("layer index (3x3 convolutions in network order)")
     bottom.set_xlabel("index (sorted by magnitude)")
     for ax in (top, bottom):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("std of the response")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small", ncol=2, framealpha=0.85)
-    top.set_title("Standard deviation of the layer responses on the test set "
-                  "(after batch norm, before addition and ReLU; plain dashed)")
+    top.set_title("Std of each 3x3 layer's response on the test set\n(after batch norm, "
+                  "before the addition and ReLU; plain nets dashed)", fontsize=10)
     return fig
 
 
