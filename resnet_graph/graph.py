@@ -80,7 +80,8 @@ EMA_NAME = "ExponentialMovingAverage"
 AVERAGED_SCOPE = "averaged"
 
 
-def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
+def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1,
+                  name: str = "learning_rate"):
     """The schedule as a function of the optimizer step (see TrainConfig).
 
     A cosine run lengthened in its decay (``cfg.decay_from_step``, see
@@ -100,7 +101,17 @@ def learning_rate(cfg: TrainConfig, global_step, steps_per_epoch: int = 1):
                                 restart=restart)
     else:
         lr = tf.constant(cfg.lr, tf.float32)
-    return tf.identity(tf.cast(lr, tf.float32), name="learning_rate")
+    return tf.identity(tf.cast(lr, tf.float32), name=name)
+
+
+def last_step_rate(cfg: TrainConfig, steps, num_train: int):
+    """The rate of the step last taken (``steps`` - 1), which the loop records at an
+    epoch's end: read after the step, by itself, so that every training step
+    fetches the same thing (the train op alone; each new combination of fetches
+    costs the session a new executor and a new Grappler pass over the whole
+    graph, 1-2 s for ResNet-32 on the 2-core EPYC, docs/performance.md)."""
+    return learning_rate(cfg, steps - 1, max(num_train // cfg.batch_size, 1),
+                         name="learning_rate_of_last_step")
 
 
 def cosine_with_warmup(peak: float, global_step, total_steps: int, warmup_steps: float,
@@ -200,6 +211,7 @@ class TrainTensors(ModelTensors):
 
     total_loss: tf.Tensor = None
     learning_rate: tf.Tensor = None
+    last_step_lr: tf.Tensor = None     # the rate of the step last taken (read at an epoch's end)
     step_loss: tf.Tensor = None        # loss/accuracy of the whole global batch of a step
     step_accuracy: tf.Tensor = None    # (= loss/accuracy with one device and one process)
     train_op: tf.Operation = None
@@ -455,7 +467,8 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
                                      global_step, scaling, statistics)
     train_op, ema = average_weights(cfg, train_op, global_step, applied)
     tensors = train_tensors(t, total_loss, lr, train_op, global_step, steps, inp, scaling,
-                             step_loss=t.loss, step_accuracy=t.accuracy, applied=applied)
+                             step_loss=t.loss, step_accuracy=t.accuracy, applied=applied,
+                             last_step_lr=last_step_rate(cfg, steps, num_train))
     if ema is not None:
         tensors.ema = ema
         tensors.averaged = attach_averaged_model(cfg, mean, std, ema, precision=precision,
@@ -465,7 +478,7 @@ def build_train_graph(cfg: TrainConfig, mean, std, num_train: int, *,
 
 def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
                    inp: TrainInput, scaling: Optional[LossScaling], *, step_loss,
-                   step_accuracy, applied=None) -> TrainTensors:
+                   step_accuracy, applied=None, last_step_lr=None) -> TrainTensors:
     """The epoch counters and the :class:`TrainTensors` of a built training graph.
 
     The train op also adds the step's ``step_loss`` and ``step_accuracy`` to the
@@ -507,7 +520,7 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
             skipped_after_step = tf.identity(scaling.skipped_steps.read_value(),
                                              name="skipped_after_step")
     return TrainTensors(
-        **fields, total_loss=total_loss, learning_rate=lr,
+        **fields, total_loss=total_loss, learning_rate=lr, last_step_lr=last_step_lr,
         train_op=train_op, global_step=global_step,
         steps_taken=steps,
         epochs_done=epochs_done, set_epochs_done=epochs_done.assign(epoch_placeholder).op,
@@ -531,12 +544,13 @@ def train_tensors(t: ModelTensors, total_loss, lr, train_op, global_step, steps,
 READ_EVERY_STEPS = 20
 
 
-def step_fetches(t: TrainTensors, *, loss: bool = False, learning_rate: bool = False) -> list:
-    """What a training loop fetches at a step: the train op alone, plus the step's
-    loss (a TensorBoard point) and/or its rate (the epoch's last step) when asked,
-    in that order."""
-    return ([t.train_op] + ([t.step_loss] if loss else [])
-            + ([t.learning_rate] if learning_rate else []))
+def step_fetches(t: TrainTensors) -> list:
+    """What a training loop fetches at every step: the train op alone, the same list
+    at every step (a session builds and optimises a new executor for each new
+    combination of fetches). What the loop records besides is read between steps:
+    the running sums (:func:`sums_fetches`), and at an epoch's end the rate of its
+    last step (``last_step_lr``)."""
+    return [t.train_op]
 
 
 def sums_fetches(t: TrainTensors) -> list:

@@ -24,6 +24,7 @@ from .graph import (
     attach_model,
     average_weights,
     build_train_graph,
+    last_step_rate,
     learning_rate,
     make_optimizer,
     minimize,
@@ -179,7 +180,8 @@ def build_replicated_graph(cfg: TrainConfig, mean, std, num_train: int, *,
     with tf.device(device_prefix + variables_device):
         tensors = train_tensors(t, losses[0], lr, train_op, global_step, steps, inp, scaling,
                                  step_loss=reduced["loss"], step_accuracy=reduced["accuracy"],
-                                 applied=applied)
+                                 applied=applied,
+                                 last_step_lr=last_step_rate(cfg, steps, num_train))
     if ema is not None:
         tensors.ema = ema
         with tf1.device(places[0]):

@@ -4,7 +4,9 @@ A run writes into its own folder, so ``tensorboard --logdir checkpoints`` shows
 every run side by side. Tags:
 
 =========================  ===================================================
-``step/loss``              training loss of one step, every ``every_steps`` steps
+``step/loss``              mean training loss of the steps since the previous
+                           point (or the epoch's start), every
+                           ``every_steps`` steps
 ``epoch/train_loss``       the history row of each epoch (also ``train_acc``,
 ``epoch/valid_loss`` ...   ``valid_loss``, ``valid_acc``, ``lr``,
                            ``images_per_sec``, and with fp16 ``skipped_steps``),

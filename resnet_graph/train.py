@@ -52,8 +52,15 @@ class EpochSums:
 
     loss_sum: float
     hits: float
+    steps: int = 0             # steps of the epoch taken when read, applied or skipped
     skipped: int = 0
     scale: float = math.inf    # no loss scaling: no floor to reach
+
+    def since(self, earlier: "EpochSums") -> float:
+        """The mean loss of the steps applied between ``earlier`` and these sums (NaN
+        when none was)."""
+        applied = (self.steps - self.skipped) - (earlier.steps - earlier.skipped)
+        return (self.loss_sum - earlier.loss_sum) / applied if applied > 0 else math.nan
 
 
 class Trainer:
@@ -386,24 +393,27 @@ class Trainer:
         start = time.perf_counter() - before
         bar = epoch_progress(f"epoch {epoch}/{cfg.epochs}", first, n,
                              cfg.batch_size, enabled=self.progress_bar, log=self.log)
-        lr = float("nan")
         sums = None
         checked = first      # steps of the epoch whose loss the last read covered
+        # The sums at the last TensorBoard point (or the epoch's start): a point's
+        # step/loss is the mean loss of the steps applied since.
+        marked = self._read_sums(epoch, first, first) if self.summaries is not None else None
+        fetches = step_fetches(t)
         for step in range(first, n):
             number = (epoch - 1) * n + step + 1     # 1-based step of the run
             point = self.summaries is not None and number % self.summaries.every_steps == 0
             last = step + 1 == n
-            _, *out = self.run_step(step_fetches(t, loss=point, learning_rate=last), step)
-            if point:
-                self.summaries.step(number, out[0])
-            if last:
-                lr = out[-1]
+            self.run_step(fetches, step)
             self.after_step(epoch, step)
             stopping = self.stop_signal is not None and not last
             done = step + 1
-            if stopping or last or bar.wants(step) or done - checked >= self.read_every_steps:
+            if (stopping or last or point or bar.wants(step)
+                    or done - checked >= self.read_every_steps):
                 sums = self._read_sums(epoch, checked, done)
                 checked = done
+                if point:
+                    self.summaries.step(number, sums.since(marked))
+                    marked = sums
                 elapsed = time.perf_counter() - start - before
                 rate = (done - first) * cfg.batch_size / elapsed if elapsed > 0 else 0.0
                 bar.update(step, sums.loss_sum, sums.hits, rate, applied=done - sums.skipped,
@@ -418,6 +428,7 @@ class Trainer:
         train_seconds = time.perf_counter() - start
         if sums is None:     # resumed from a checkpoint after the epoch's last step
             sums = self._read_sums(epoch, first, n)
+        lr = self.sess.run(t.last_step_lr)
         applied = n - sums.skipped
         if applied == 0:
             self._fail(f"fp16 loss scaling skipped every step of epoch {epoch} (inf or NaN "
@@ -441,7 +452,7 @@ class Trainer:
         that fell to its floor."""
         t = self.t
         values = self.sess.run(sums_fetches(t))
-        sums = EpochSums(float(values[0][0]), float(values[0][1]))
+        sums = EpochSums(float(values[0][0]), float(values[0][1]), steps=done)
         if t.epoch_skipped is not None:
             sums.skipped, sums.scale = int(values[1]), float(values[2])
         if not math.isfinite(sums.loss_sum):

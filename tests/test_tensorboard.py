@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from resnet_graph import data, history
 from resnet_graph.config import TrainConfig
+from resnet_graph.graph import cosine_rate
 from resnet_graph.summaries import RunSummaries
 from resnet_graph.train import Trainer
 
@@ -169,3 +170,35 @@ def test_step_losses_reach_the_file_within_a_long_epoch(tmp_path):
     assert [(e.step, v.simple_value) for e in records for v in e.summary.value] == [(50, 1.5)]
     assert any(e.graph_def for e in records)
     summaries.close()
+
+
+class Recording(Trainer):
+    """A TensorBoard point at each epoch's last step; records what each step fetches."""
+    summary_steps = 5   # 250 training images / 50 per step
+
+    def run_step(self, fetches, step):
+        self.fetched = getattr(self, "fetched", []) + [tuple(f.name for f in fetches)]
+        return super().run_step(fetches, step)
+
+
+def test_every_step_fetches_the_same_and_points_and_rates_are_read_between_steps(
+        tiny_data_dir, tmp_path):
+    """Each new combination of fetches costs a session a new executor (1-2 s for ResNet-32),
+    so every step fetches the train op alone; the step/loss points are means of the steps
+    since the previous point (here, whole epochs: the history's train_loss) and the lr
+    column is the rate of each epoch's last step, both read between steps."""
+    ds = data.load_cifar10(tiny_data_dir, valid_size=50, seed=0)
+    cfg = TrainConfig(model="original", depth=8, epochs=3, batch_size=50, valid_size=50,
+                      lr=0.05, lr_schedule="cosine", warmup_epochs=1)
+    trainer = Recording(cfg, ds, tmp_path / "run", tmp_path / "h.h5", log=lambda s: None,
+                        progress=False)
+    trainer.run()
+    assert len(trainer.fetched) == 15 and set(trainer.fetched) == {("train_op",)}
+    run = history.read_run(tmp_path / "h.h5", "original-8")
+    scalars, _, _ = read_events(tmp_path / "run")
+    assert [s for s, _ in scalars["step/loss"]] == STEPS
+    np.testing.assert_allclose([v for _, v in scalars["step/loss"]], run.columns["train_loss"],
+                               rtol=1e-5)
+    rates = [cosine_rate(cfg, step - 1, 5) for step in STEPS]   # steps 4, 9, 14 (0-based)
+    assert rates[0] == pytest.approx(0.05) and rates[2] < rates[1] < rates[0]
+    np.testing.assert_allclose(run.columns["lr"], rates, rtol=1e-5)   # float32 schedule
