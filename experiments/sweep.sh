@@ -11,11 +11,16 @@
 # again. Across machines: CARRY names a snapshot made by
 #   .venv/bin/python experiments/carry.py save --lean "$SWEEP_DIR" docs/runs/sweep
 # which carries the unfinished runs' checkpoints (committed for this sweep), and is restored
-# into $SWEEP_DIR first. The code is the editable install of $REPO (default: the current
-# folder): do not edit that folder while it runs (use a worktree of a fixed commit).
+# into $SWEEP_DIR first. The runs train with the editable install of $REPO (default: the
+# current folder): do not edit that folder while it runs (use a worktree of a fixed commit;
+# the runs of docs/runs/sweep trained at commit 2d6e5c0, so to finish that sweep with the
+# same code: `git worktree add /work/sweep-src 2d6e5c0 && make -C /work/sweep-src install`,
+# then REPO=/work/sweep-src). Restoring the snapshot, `responses` and the final report use
+# this script's own checkout ($TOOLS), which needs `make install` too.
 set -u
 
 REPO=${REPO:-$(pwd)}
+TOOLS=$(cd "$(dirname "$0")/.." && pwd)
 SWEEP_DIR=${SWEEP_DIR:-/work/sweep/exp}
 DATA_DIR=${DATA_DIR:-/work/shared/data/cifar-10-batches-bin}
 EPOCHS=${EPOCHS:-10}
@@ -24,15 +29,17 @@ MODELS=${MODELS:-plain,original}
 CARRY=${CARRY:-}
 EXE="$REPO/.venv/bin/resnet-graph"
 
-if [ ! -x "$EXE" ]; then
-    echo "no $EXE: run this from a checkout with 'make install' done (or set REPO)" >&2
-    exit 1
-fi
+for exe in "$EXE" "$TOOLS/.venv/bin/resnet-graph"; do
+    if [ ! -x "$exe" ]; then
+        echo "no $exe: run 'make install' in its checkout (or set REPO)" >&2
+        exit 1
+    fi
+done
 mkdir -p "$SWEEP_DIR"
 if [ -n "$CARRY" ]; then
-    "$REPO/.venv/bin/python" "$REPO/experiments/carry.py" restore "$CARRY" "$SWEEP_DIR" || exit 1
+    "$TOOLS/.venv/bin/python" "$TOOLS/experiments/carry.py" restore "$CARRY" "$SWEEP_DIR" || exit 1
 fi
-echo "$(date -u '+%F %T') sweep in $SWEEP_DIR from $REPO at $(git -C "$REPO" rev-parse --short HEAD)"
+echo "$(date -u '+%F %T') sweep in $SWEEP_DIR, trained by $REPO at $(git -C "$REPO" rev-parse --short HEAD), tools of $TOOLS"
 experiment=("$EXE" experiment --recipe fast --models "$MODELS" --depths "$DEPTHS" --seeds 0
             --epochs "$EPOCHS" --precision fp32 --data-dir "$DATA_DIR" --out "$SWEEP_DIR")
 "${experiment[@]}"
@@ -43,10 +50,10 @@ if [ "$status" -ne 0 ]; then
 fi
 for run in "$SWEEP_DIR"/*-s0; do
     if [ -f "$run/config.json" ] && [ ! -f "$run/responses.json" ]; then
-        "$EXE" responses --ckpt "$run" --data-dir "$DATA_DIR" > /dev/null || exit 1
+        "$TOOLS/.venv/bin/resnet-graph" responses --ckpt "$run" --data-dir "$DATA_DIR" > /dev/null || exit 1
         echo "$(date -u '+%F %T') responses of $(basename "$run")"
     fi
 done
 # Every run is finished now: the same command only writes the report (with responses.png).
-"${experiment[@]}" --quiet
+"$TOOLS/.venv/bin/resnet-graph" "${experiment[@]:1}" --quiet
 echo "$(date -u '+%F %T') sweep done: $SWEEP_DIR/report.md"
