@@ -41,6 +41,15 @@ from .summaries import RunSummaries
 tf1 = tf.compat.v1
 
 
+# Variables that versions after the first added to the training graph, with what a run
+# resumed from a checkpoint written before them goes on with (their initial value).
+LATER_VARIABLES = {
+    "loss_scaling/epoch_skipped": "fp16 steps skipped in the resumed epoch before the "
+                                  "checkpoint are not counted in its skipped_steps (the "
+                                  "run-wide count and the position are)",
+}
+
+
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss became NaN)."""
 
@@ -313,13 +322,20 @@ class Trainer:
         rest keeps its initial value: a fresh loss scale) and carries the position,
         so that steps fp16 skipped stay counted (steps taken = ``global_step`` +
         ``loss_scaling/skipped_steps``; without loss scaling ``global_step`` alone).
+        A checkpoint of an earlier version that lacks variables added since
+        (LATER_VARIABLES, and nothing else) is restored the same way, with one line
+        saying what their initial values mean.
         """
         saved = checkpoint.read_config(self.run_dir)
         resolved = {"resolved_precision": self.precision, "resolved_data_format": self.data_format}
         was = {key: saved.get(key, value) for key, value in resolved.items()}
         if was == resolved:
-            checkpoint.restore(self.sess, self.saver, prefix)
-            return {}
+            later = self._later_variables(prefix)
+            if not later:
+                checkpoint.restore(self.sess, self.saver, prefix)
+                return {}
+            self.log(f"{prefix} predates {', '.join(later)} (added by a later version): "
+                     f"{'; '.join(later.values())}")
         self.sess.run(init)
         try:
             reader = tf.train.load_checkpoint(prefix)
@@ -335,7 +351,22 @@ class Trainer:
         except (tf.errors.OpError, ValueError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {prefix} does not fit this model "
                                              f"({e}); was config.json edited?") from None
-        return resolved
+        return resolved if was != resolved else {}
+
+    def _later_variables(self, prefix: str) -> dict:
+        """The variables of this graph that ``prefix`` lacks because a later version added
+        them (LATER_VARIABLES), with what going on without their saved value means; {}
+        when the checkpoint has every variable, or lacks any other (then the restore
+        refuses it as not fitting the model)."""
+        try:
+            stored = {name for name, _ in tf.train.list_variables(prefix)}
+        except (tf.errors.OpError, ValueError):
+            return {}     # the restore says what is wrong with it
+        with self.sess.graph.as_default():
+            missing = {v.op.name for v in tf1.global_variables()} - stored
+        if not missing or not missing <= LATER_VARIABLES.keys():
+            return {}
+        return {name: LATER_VARIABLES[name] for name in sorted(missing)}
 
     def _lengthened(self) -> TrainConfig:
         """``--resume --epochs N`` past the length in config.json: the configuration with

@@ -159,3 +159,55 @@ def test_cluster_tasks_compare_what_they_resolved():
         config_fingerprint(auto.replace(precision="fp16"), "fp16", "NHWC")
     assert config_fingerprint(auto, "fp16", "NHWC") != config_fingerprint(auto, "fp32", "NHWC")
     assert config_fingerprint(auto, "fp32", "NHWC") != config_fingerprint(auto, "fp32", "NCHW")
+
+
+def _drop_from_checkpoint(prefix, name):
+    """Rewrite checkpoint ``prefix`` without variable ``name``, as a version before it wrote."""
+    reader = tf.train.load_checkpoint(prefix)
+    values = {n: reader.get_tensor(n) for n, _ in tf.train.list_variables(prefix) if n != name}
+    assert len(values) == len(tf.train.list_variables(prefix)) - 1
+    g = tf.Graph()
+    with g.as_default():
+        variables = {n: tf1.Variable(v, name=f"v{i}") for i, (n, v) in enumerate(values.items())}
+        saver = tf1.train.Saver(variables)
+        with tf1.Session(graph=g) as sess:
+            sess.run(tf1.global_variables_initializer())
+            saver.save(sess, prefix, write_meta_graph=False, write_state=False)
+    assert name not in _checkpoint_names(prefix)
+
+
+def test_an_fp16_checkpoint_older_than_the_epoch_skip_count_resumes(gpu_made, tiny_data_dir,
+                                                                     tmp_path):
+    """Checkpoints written before loss_scaling/epoch_skipped existed (commit cce73e7) go on
+    from their weights, position and run-wide skip count, with one line saying so."""
+    out = _copy(gpu_made, tmp_path)
+    old = checkpoint.latest(out / "r")
+    weights = tf.train.load_variable(old, "model/stem/conv/kernel")
+    _drop_from_checkpoint(old, "loss_scaling/epoch_skipped")
+    trainer_lines = []
+    train_run(_config(), data_dir=tiny_data_dir, out=out, resume=True, epochs_override=2,
+              log=trainer_lines.append)
+    assert any("predates loss_scaling/epoch_skipped" in line for line in trainer_lines), \
+        trainer_lines
+    assert not any("goes on in" in line for line in trainer_lines)    # not a switch
+    prefix = checkpoint.latest(out / "r")
+    assert prefix.endswith("-4")
+    assert tf.train.load_variable(prefix, "loss_scaling/skipped_steps") \
+        + tf.train.load_variable(prefix, "global_step") == 4
+    assert tf.train.load_variable(prefix, "loss_scaling/skipped_steps") >= 1   # epoch 1's skip
+    assert not (tf.train.load_variable(prefix, "model/stem/conv/kernel") == weights).all()
+    saved = checkpoint.read_config(out / "r")
+    assert saved["resolved_precision"] == "fp16" and saved["epochs"] == 2
+    run = history.read_run(out / "histories.h5", "r", guard=False)
+    assert list(run.columns["epoch"]) == [1, 2]
+
+
+def test_a_checkpoint_missing_a_model_variable_is_still_refused(gpu_made, tiny_data_dir,
+                                                                 tmp_path):
+    out = _copy(gpu_made, tmp_path)
+    _drop_from_checkpoint(checkpoint.latest(out / "r"), "model/stem/conv/kernel")
+    result = CliRunner().invoke(cli, ["train", "original", "--name", "r", "--out", str(out),
+                                      "--resume", "--epochs", "2", "--data-dir",
+                                      str(tiny_data_dir)])
+    assert result.exit_code == 1, result.output
+    assert "does not fit this model" in result.output and "Traceback" not in result.output
