@@ -18,8 +18,11 @@
 set -u
 
 REPO=${REPO:-$(pwd)}
-ABLATION_DIR=${ABLATION_DIR:-/work/ablation}
-DATA_DIR=${DATA_DIR:-/work/shared/data/cifar-10-batches-bin}
+ABLATION_DIR=${ABLATION_DIR:-$REPO/checkpoints/ablation}
+# The data: $DATA_DIR when set, else what resnet-graph finds itself ($RESNET_GRAPH_DATA_DIR,
+# else the user cache, downloaded there if missing).
+DATA=()
+if [ -n "${DATA_DIR:-}" ]; then DATA=(--data-dir "$DATA_DIR"); fi
 EPOCHS=${EPOCHS:-15}
 SEEDS=${SEEDS:-"0 1"}
 ARMS=${ARMS:-"base he sym zero ema lr02 b256 paper"}
@@ -51,7 +54,7 @@ run_arm() {   # arm, seeds (comma-separated)
     flags=$(arm_flags "$arm") || return 1
     # shellcheck disable=SC2086  # flags are words
     set -- "$EXE" experiment --recipe fast --models original --depth 20 --epochs "$EPOCHS" \
-        --precision bf16 --data-dir "$DATA_DIR" --seeds "$seeds" --out "$ABLATION_DIR/$arm" $flags
+        --precision bf16 "${DATA[@]}" --seeds "$seeds" --out "$ABLATION_DIR/$arm" $flags
     echo "$(date -u '+%F %T') [$arm seeds $seeds] $*"
     "$@" 2>&1 | tee -a "$ABLATION_DIR/logs/$arm-s${seeds//,/_}.log"
     status=${PIPESTATUS[0]}

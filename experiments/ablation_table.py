@@ -1,6 +1,6 @@
 """The issue-17 ablation as one markdown table, from the arms' history files.
 
-    .venv/bin/python experiments/ablation_table.py [ABLATION_DIR]     # default /work/ablation
+    .venv/bin/python experiments/ablation_table.py [ABLATION_DIR]     # default checkpoints/ablation
     .venv/bin/python experiments/ablation_table.py docs/runs --files --write docs/results.md
 
 Reads ``<dir>/<arm>/histories.h5`` of every arm that experiments/ablation.sh runs (or a copy
@@ -55,7 +55,7 @@ def read_arm(path: pathlib.Path) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", default="/work/ablation")
+    p.add_argument("root", nargs="?", default="checkpoints/ablation")
     p.add_argument("--files", action="store_true",
                    help="ROOT holds ablation-<arm>.h5 files instead of <arm>/histories.h5")
     p.add_argument("--write", metavar="FILE", help="replace the table between the markers of FILE")

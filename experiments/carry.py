@@ -1,9 +1,9 @@
 """Carry an `experiment` folder across machines: the files a long run needs to resume, small
 enough to commit (docs/runs/<name>/), and back.
 
-    .venv/bin/python experiments/carry.py save /work/finals docs/runs/finals
-    .venv/bin/python experiments/carry.py restore docs/runs/finals /work/finals
-    .venv/bin/python experiments/carry.py save --lean /work/sweep/exp docs/runs/sweep
+    .venv/bin/python experiments/carry.py save checkpoints/finals docs/runs/finals
+    .venv/bin/python experiments/carry.py restore docs/runs/finals checkpoints/finals
+    .venv/bin/python experiments/carry.py save --lean checkpoints/sweep docs/runs/sweep
 
 `save` copies, from an experiment folder: ``histories.h5`` (under its lock, so never half a
 rewrite), ``report.md``/``report.json`` and the report's figures (``*.png``), and per run

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue-17 headline runs: ResNet-32 `original` and `preact`, recipe fast, 30 epochs,
-# on the shared CIFAR-10, then `eval` of each run's final and best-validation checkpoints,
+# on CIFAR-10 ($DATA_DIR, else what resnet-graph finds), then `eval` of each run's final and best-validation checkpoints,
 # single view and with --tta flip.
 #
 #   cd <worktree> && setsid nohup bash experiments/finals.sh > "$FINALS_DIR/run.log" 2>&1 < /dev/null &
@@ -25,8 +25,11 @@
 set -u
 
 REPO=${REPO:-$(pwd)}
-FINALS_DIR=${FINALS_DIR:-/work/finals}
-DATA_DIR=${DATA_DIR:-/work/shared/data/cifar-10-batches-bin}
+FINALS_DIR=${FINALS_DIR:-$REPO/checkpoints/finals}
+# The data: $DATA_DIR when set, else what resnet-graph finds itself ($RESNET_GRAPH_DATA_DIR,
+# else the user cache, downloaded there if missing).
+DATA=()
+if [ -n "${DATA_DIR:-}" ]; then DATA=(--data-dir "$DATA_DIR"); fi
 EPOCHS=${EPOCHS:-30}
 DEPTH=${DEPTH:-32}
 PRECISION=${PRECISION:-fp32}
@@ -62,7 +65,7 @@ for item in $RUNS; do
     seed=${item##*:}
     # shellcheck disable=SC2086  # FLAGS are words
     set -- "$EXE" experiment --recipe fast --models "$model" --depth "$DEPTH" --epochs "$EPOCHS" \
-        --precision "$PRECISION" --data-dir "$DATA_DIR" --seeds "$seed" --out "$FINALS_DIR" $FLAGS
+        --precision "$PRECISION" "${DATA[@]}" --seeds "$seed" --out "$FINALS_DIR" $FLAGS
     echo "$(date -u '+%F %T') [$model seed $seed] $*"
     "$@" 2>&1 | tee -a "$FINALS_DIR/logs/$model-s$seed.log"
     status=${PIPESTATUS[0]}
@@ -72,7 +75,7 @@ for item in $RUNS; do
     for variant in final final-flip best best-flip; do
         json="$run/eval-$variant.json"
         [ -s "$json" ] && continue
-        args=(eval --ckpt "$run" --data-dir "$DATA_DIR" --json)
+        args=(eval --ckpt "$run" "${DATA[@]}" --json)
         case "$variant" in *best*) args+=(--best) ;; esac
         case "$variant" in *flip) args+=(--tta flip) ;; esac
         if "$EXE" "${args[@]}" > "$json.tmp"; then
@@ -98,7 +101,7 @@ if [ $((n_models * n_seeds)) -eq "$n_runs" ]; then
     models=$(echo $models | tr ' ' ','); seeds=$(echo $seeds | tr ' ' ',')
     # shellcheck disable=SC2086
     "$EXE" experiment --recipe fast --models "$models" --depth "$DEPTH" --epochs "$EPOCHS" \
-        --precision "$PRECISION" --data-dir "$DATA_DIR" --seeds "$seeds" --out "$FINALS_DIR" \
+        --precision "$PRECISION" "${DATA[@]}" --seeds "$seeds" --out "$FINALS_DIR" \
         $FLAGS > /dev/null || echo "report failed"
 fi
 echo "$(date -u '+%F %T') finals done"

@@ -1,6 +1,6 @@
 """The issue-17 headline runs as markdown tables, from the files experiments/finals.sh writes.
 
-    .venv/bin/python experiments/finals_table.py [FINALS_DIR]      # default /work/finals
+    .venv/bin/python experiments/finals_table.py [FINALS_DIR]      # default checkpoints/finals
 
 Per run (from ``histories.h5`` and the ``<run>/eval-<variant>.json`` files): best and final
 validation accuracy, test accuracy of the final and of the best-validation checkpoint, each
@@ -82,7 +82,7 @@ def fmt(value, digits=2):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", default="/work/finals")
+    p.add_argument("root", nargs="?", default="checkpoints/finals")
     p.add_argument("--files", action="store_true",
                    help="ROOT holds finals-*.h5 history copies instead of an experiment folder")
     p.add_argument("--target-single", type=float, default=89.0,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-25 depth sweep (docs/results.md, "The degradation problem"): `plain` and
 # `original` at depths 20, 32, 44 and 56, seed 0, the `fast` recipe cut to 10 epochs, fp32,
-# on the shared CIFAR-10; then `responses` on every finished run, and the report again (it
+# on CIFAR-10 ($DATA_DIR, else what resnet-graph finds); then `responses` on every finished run, and the report again (it
 # draws responses.png once the runs have their responses.json).
 #
 #   cd <worktree> && setsid nohup bash experiments/sweep.sh >> "$SWEEP_DIR/run.log" 2>&1 < /dev/null &
@@ -21,8 +21,11 @@ set -u
 
 REPO=${REPO:-$(pwd)}
 TOOLS=$(cd "$(dirname "$0")/.." && pwd)
-SWEEP_DIR=${SWEEP_DIR:-/work/sweep/exp}
-DATA_DIR=${DATA_DIR:-/work/shared/data/cifar-10-batches-bin}
+SWEEP_DIR=${SWEEP_DIR:-$TOOLS/checkpoints/sweep}
+# The data: $DATA_DIR when set, else what resnet-graph finds itself ($RESNET_GRAPH_DATA_DIR,
+# else the user cache, downloaded there if missing).
+DATA=()
+if [ -n "${DATA_DIR:-}" ]; then DATA=(--data-dir "$DATA_DIR"); fi
 EPOCHS=${EPOCHS:-10}
 DEPTHS=${DEPTHS:-20,32,44,56}
 MODELS=${MODELS:-plain,original}
@@ -41,7 +44,7 @@ if [ -n "$CARRY" ]; then
 fi
 echo "$(date -u '+%F %T') sweep in $SWEEP_DIR, trained by $REPO at $(git -C "$REPO" rev-parse --short HEAD), tools of $TOOLS"
 experiment=("$EXE" experiment --recipe fast --models "$MODELS" --depths "$DEPTHS" --seeds 0
-            --epochs "$EPOCHS" --precision fp32 --data-dir "$DATA_DIR" --out "$SWEEP_DIR")
+            --epochs "$EPOCHS" --precision fp32 "${DATA[@]}" --out "$SWEEP_DIR")
 "${experiment[@]}"
 status=$?
 if [ "$status" -ne 0 ]; then
@@ -50,7 +53,7 @@ if [ "$status" -ne 0 ]; then
 fi
 for run in "$SWEEP_DIR"/*-s0; do
     if [ -f "$run/config.json" ] && [ ! -f "$run/responses.json" ]; then
-        "$TOOLS/.venv/bin/resnet-graph" responses --ckpt "$run" --data-dir "$DATA_DIR" > /dev/null || exit 1
+        "$TOOLS/.venv/bin/resnet-graph" responses --ckpt "$run" "${DATA[@]}" > /dev/null || exit 1
         echo "$(date -u '+%F %T') responses of $(basename "$run")"
     fi
 done
