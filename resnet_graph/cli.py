@@ -415,10 +415,10 @@ def responses(run_dir, best, batch_size, precision, data_dir, as_json):
     """Layer responses (He et al. 2015, Fig. 7): the standard deviation of every 3x3
     convolution's response on the test set, written to RUN_DIR/responses.json.
 
-    The response is the output of the convolution's batch norm, before the addition
-    and the ReLU (original, plain, and the stem of every model); preact has no batch
-    norm after its block convolutions, so there it is the convolution's own output,
-    the residual function before the addition. 'resnet-graph plot' draws them.
+    The response is the output of the batch norm that follows the convolution, before
+    the addition and the ReLU; a preact block's second convolution has no batch norm
+    before the addition, so there it is the convolution's own output, the residual
+    function before the addition. 'resnet-graph plot' draws them.
     """
     from .analysis import layer_responses
     result = layer_responses(run_dir, best=best, data_dir=data_dir, batch_size=batch_size,

@@ -106,8 +106,8 @@ def preact_block(x, filters, training, strides, data_format, first, bn, conv,
     """
     shortcut = ops.shortcut_option_a(x, filters, strides, data_format=data_format)
     y = x if first else tf.nn.relu(_bn(x, training, data_format, "bn1", bn))
-    y = _respond(_conv(y, filters, strides, data_format, "conv1", conv), "conv1")
-    y = tf.nn.relu(_bn(y, training, data_format, "bn2", bn))
+    y = _conv(y, filters, strides, data_format, "conv1", conv)
+    y = tf.nn.relu(_respond(_bn(y, training, data_format, "bn2", bn), "conv1"))
     y = _respond(_conv(y, filters, 1, data_format, "conv2", conv,
                        zero_channels=_carried(x, filters, data_format, zero_init)), "conv2")
     return y + shortcut

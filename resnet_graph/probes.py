@@ -17,12 +17,14 @@ evidence, and these are the graph pieces that measure them:
   output of every 3x3 convolution "after BN and before other nonlinearity
   (ReLU/addition)". models.py registers one tensor per convolution in the
   collection ``RESPONSES`` in layer order: the batch norm's output for the
-  stem and for every convolution of ``original`` and ``plain``; for
-  ``preact``, whose convolutions are *not* followed by their own batch norm
-  (BN-ReLU come before each convolution), the convolution's output itself,
-  that is the residual function's contribution before the addition, which is
-  the quantity the paper's argument is about (residual functions closer to
-  zero than unreferenced ones).
+  stem and for every convolution of ``original`` and ``plain``. In a
+  ``preact`` block the first convolution is followed by the block's second
+  batch norm (then ReLU), so its response is that batch norm's output, as for
+  the others; the second convolution is followed by no batch norm before the
+  addition (BN-ReLU come before each convolution), so its response is the
+  convolution's output itself: the residual function's contribution before the
+  addition, the quantity the paper's argument is about (residual functions
+  closer to zero than unreferenced ones).
 """
 
 import dataclasses

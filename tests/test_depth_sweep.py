@@ -240,9 +240,9 @@ def _numpy_responses(model, reader, images, mean, std, depth):
             short = np.pad(short, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
             if model == "preact":
                 z = y if (stage, k) == (0, 0) else relu(bn(y, f"{s}/bn1"))
-                z = _conv(z, var(f"{s}/conv1/kernel"), stride)
+                z = bn(_conv(z, var(f"{s}/conv1/kernel"), stride), f"{s}/bn2")
                 responses.append(z)
-                z = _conv(relu(bn(z, f"{s}/bn2")), var(f"{s}/conv2/kernel"), 1)
+                z = _conv(relu(z), var(f"{s}/conv2/kernel"), 1)
                 responses.append(z)
                 y = z + short
                 continue
