@@ -245,6 +245,10 @@ def make_config(model: str, recipe: str = "seed", **overrides) -> TrainConfig:
 # file passed back with --config may hold them and they are skipped.
 RUN_FACTS = {"normalization", "data_dir", "resolved_precision", "resolved_data_format",
              "train_images", "valid_images", "devices", "workers"}
+# TrainConfig fields that the trainer writes, not the user: where a lengthened cosine
+# run restarted its decay (see TrainConfig). Two runs that differ only in them were
+# started with the same options.
+SCHEDULE_STATE = {"decay_from_step", "decay_from_lr"}
 
 
 def run_facts(**facts) -> dict:

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from . import checkpoint, history
-from .config import RUN_FACTS, TrainConfig, canonical_model
+from .config import RUN_FACTS, SCHEDULE_STATE, TrainConfig, canonical_model
 from .errors import TrainingInterrupted, UserError
 from .fsutil import atomic_write_text
 from .stats import paired_difference
@@ -30,9 +30,10 @@ from .stats import paired_difference
 HISTORY_FILE = "histories.h5"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-# Keys of config.json that are not the set-up: the run's name and length, and the
-# facts of the machine and the data (config.RUN_FACTS).
-NOT_SETUP = {"name", "epochs"} | RUN_FACTS
+# Keys of config.json that are not the set-up: the run's name and length, where a
+# lengthening restarted its decay (config.SCHEDULE_STATE), and the facts of the machine
+# and the data (config.RUN_FACTS).
+NOT_SETUP = {"name", "epochs"} | SCHEDULE_STATE | RUN_FACTS
 
 
 def run_name(model: str, depth: int, seed: int) -> str:

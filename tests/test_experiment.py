@@ -103,6 +103,29 @@ def test_other_options_in_the_same_folder_are_refused(finished, tiny_data_dir, t
     assert (copy / "histories.h5").read_bytes() == before
 
 
+def test_a_lengthened_run_is_kept_when_the_command_runs_again(finished, tiny_data_dir, tmp_path):
+    """``--epochs`` past a cosine run's length restarts its decay and the trainer records
+    where (decay_from_step/decay_from_lr in config.json and the history's config): state
+    of the schedule, not an option, so the same command runs again (to continue after a
+    stop, or to rewrite the report) instead of refusing the run as set up otherwise."""
+    out, _ = finished
+    copy = tmp_path / "lengthened"
+    shutil.copytree(out, copy)
+    path = copy / "original-8-s0" / "config.json"
+    saved = json.loads(path.read_text())
+    saved.update(decay_from_step=3, decay_from_lr=0.05)
+    path.write_text(json.dumps(saved))
+    history.set_attrs(copy / "histories.h5", "original-8-s0", config=saved)
+    result = invoke("experiment", "--recipe", "fast", "--models", "original,cnn",
+                    "--seeds", "0,1", *TINY, "--data-dir", tiny_data_dir, "--out", copy)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished, kept as it is") == 4
+    # An option does still count.
+    base = make_config("original", "fast", depth=8, epochs=2, batch_size=50, valid_size=50)
+    with pytest.raises(UserError, match="other options: init 'glorot' .asked 'he'."):
+        experiment.check_same_setup(copy, base.replace(name="original-8-s0", init="he"))
+
+
 def test_an_option_older_than_the_run_counts_as_its_default(finished, tmp_path):
     # A run folder of a version without --init trained glorot (the default then and now).
     out, _ = finished
