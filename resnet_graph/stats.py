@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 RESOLVED_LEVEL = 0.95
+# An interval narrower than this (in the differences' unit: fractions of accuracy, where one
+# test image is 1e-4) comes from differences equal up to float rounding, not from seeds.
+NO_SPREAD = 1e-9
 
 
 def _beta_continued_fraction(a: float, b: float, x: float) -> float:
@@ -90,13 +93,22 @@ class PairedDifference:
         return len(self.seeds)
 
     @property
+    def degenerate(self) -> bool:
+        """Several seeds, every difference the same: the interval has no width, which
+        says the seeds changed nothing (identical runs), not that the difference is sure."""
+        return self.low is not None and self.high - self.low <= NO_SPREAD
+
+    @property
     def resolved(self) -> bool:
-        """The interval excludes zero."""
-        return self.low is not None and (self.low > 0.0 or self.high < 0.0)
+        """The interval excludes zero (and has a width)."""
+        return (self.low is not None and not self.degenerate
+                and (self.low > 0.0 or self.high < 0.0))
 
     def verdict(self) -> str:
         if self.n < 2:
             return "one seed: not resolved"
+        if self.degenerate:
+            return "no spread over the seeds (identical differences): not resolved"
         if self.resolved:
             return f"resolved ({int(round(100 * self.level))}% interval excludes 0)"
         return f"not resolved ({int(round(100 * self.level))}% interval includes 0)"

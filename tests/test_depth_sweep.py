@@ -312,6 +312,10 @@ def test_paired_interval_of_students_sleep_data():
     one = stats.paired_difference({0: 0.1}, {0: 0.3, 1: 0.2})
     assert one.n == 1 and one.low is None and one.verdict() == "one seed: not resolved"
     assert stats.paired_difference({0: 0.1}, {1: 0.2}) is None
+    # Seeds that changed nothing: the same difference every time, up to float rounding.
+    same = stats.paired_difference({0: 0.3, 1: 0.5, 2: 0.7}, {0: 0.1, 1: 0.3, 2: 0.5})
+    assert same.n == 3 and same.mean == pytest.approx(0.2) and same.high - same.low < 1e-9
+    assert not same.resolved and same.verdict().startswith("no spread over the seeds")
 
 
 def test_report_comparisons_pair_seeds_and_give_the_interval():
@@ -337,3 +341,8 @@ def test_report_comparisons_pair_seeds_and_give_the_interval():
     lines = experiment._comparison_lines(compared)
     row = next(line for line in lines if line.startswith("| plain-20 | original-20 |"))
     assert f"n=3: {'resolved' if test['resolved'] else 'not resolved'}" in row
+
+
+def test_a_comparison_without_spread_is_not_called_resolved_in_the_report():
+    cell = experiment._comparison_cell({"n": 2, "difference": -0.02, "low": -0.02, "high": -0.02})
+    assert cell == "-2.00 n=2, no spread over the seeds: not resolved"
