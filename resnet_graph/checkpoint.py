@@ -191,8 +191,42 @@ def restore(sess, saver, prefix: str) -> None:
         with sess.graph.as_default():
             saver.restore(sess, prefix)
     except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {prefix} does not fit this model ({first_line(e)}); "
-                              "was config.json edited?") from None
+        raise restore_error(prefix, e) from None
+
+
+def damage(prefix: str) -> Optional[str]:
+    """Why the files of checkpoint ``prefix`` cannot be read in full (a data file cut
+    short or overwritten), in a few words, or None when every tensor reads."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    # The reader raises whatever its C++ layer maps the failure to: IndexError for a
+    # short read, DataLossError for a bad checksum, ValueError/OpError otherwise.
+    except (tf.errors.OpError, ValueError, IndexError, RuntimeError, OSError) as e:
+        return first_line(e)
+    return None
+
+
+def restore_error(prefix: str, error) -> CheckpointError:
+    """The one-line error for a checkpoint that did not restore: damaged files (naming
+    the intact earlier checkpoints of its folder), else a model it does not fit."""
+    broken = damage(prefix)
+    if broken is None:
+        return CheckpointError(f"checkpoint {prefix} does not fit this model "
+                               f"({first_line(error)}); was config.json edited?")
+    folder = pathlib.Path(prefix).parent
+    state = tf1.train.get_checkpoint_state(str(folder))
+    earlier = [pathlib.Path(p).name for p in (state.all_model_checkpoint_paths if state else [])
+               if pathlib.Path(p).name != pathlib.Path(prefix).name
+               and pathlib.Path(str(p) + ".index").is_file() and damage(str(p)) is None]
+    if earlier:
+        advice = (f"the earlier checkpoint {earlier[-1]} is intact: to use it, write "
+                  f"model_checkpoint_path: \"{earlier[-1]}\" in {folder / 'checkpoint'}")
+    else:
+        advice = "no intact earlier checkpoint is listed beside it"
+    return CheckpointError(f"checkpoint {prefix} is damaged ({broken}): its files cannot be "
+                           f"read in full; {advice}")
 
 
 @contextlib.contextmanager

@@ -348,9 +348,8 @@ class Trainer:
                 if self.t.skipped_steps is None and skipped in stored:
                     self.t.global_step.load(reader.get_tensor("global_step")
                                             + reader.get_tensor(skipped), self.sess)
-        except (tf.errors.OpError, ValueError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint {prefix} does not fit this model "
-                                             f"({e}); was config.json edited?") from None
+        except (tf.errors.OpError, ValueError, IndexError) as e:
+            raise checkpoint.restore_error(prefix, e) from None
         return resolved if was != resolved else {}
 
     def _later_variables(self, prefix: str) -> dict:

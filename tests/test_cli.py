@@ -1,6 +1,7 @@
 """Every command of the CLI contract through click's CliRunner, errors included."""
 
 import json
+import pathlib
 import shutil
 
 import h5py
@@ -200,6 +201,35 @@ def test_config_edited_to_another_depth_is_refused(trained, tmp_path):
     assert_one_line_error(invoke("eval", "--ckpt", run_dir, "--data-dir", folder),
                           "does not fit this model")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_damaged_checkpoint_is_named_as_damaged_with_the_intact_earlier_one(
+        tiny_data_dir, tmp_path):
+    """A data file cut short (a disk fault, a copy interrupted by hand) is not a model
+    mismatch: the one line says the checkpoint is damaged and which earlier one is
+    intact, and following its advice works; the resume refuses it the same way."""
+    out = tmp_path / "out"
+    args = ["train", "plain", "--depth", "8", "--epochs", "2", "--batch-size", "50",
+            "--valid-size", "50", "--data-dir", tiny_data_dir, "--out", out, "--quiet"]
+    assert invoke(*args).exit_code == 0
+    run_dir = out / "plain-8"
+    last = checkpoint.latest(run_dir)
+    data_file = next(run_dir.glob(pathlib.Path(last).name + ".data-*"))
+    data_file.write_bytes(data_file.read_bytes()[:1000])
+    earlier = next(p for p in sorted(run_dir.glob("model.ckpt-*.index"))
+                   if p.name != pathlib.Path(last).name + ".index").name[:-len(".index")]
+    for result in (invoke("eval", "--ckpt", run_dir, "--data-dir", tiny_data_dir),
+                   invoke(*args, "--resume", "--epochs", "3")):
+        assert_one_line_error(result, f"checkpoint {last} is damaged", "cannot be read in full",
+                              f"the earlier checkpoint {earlier} is intact",
+                              f'model_checkpoint_path: "{earlier}"')
+    state = run_dir / "checkpoint"
+    state.write_text(f'model_checkpoint_path: "{earlier}"\n')
+    assert invoke("eval", "--ckpt", run_dir, "--data-dir", tiny_data_dir).exit_code == 0
+    assert checkpoint.damage(str(run_dir / earlier)) is None
+    assert checkpoint.damage(last)       # the reader's reason, e.g. a short read
+    # (A checkpoint that reads in full but fits another model is still "does not fit":
+    # test_config_edited_to_another_depth_is_refused.)
 
 
 def test_config_json_that_is_not_an_object_is_refused(trained, tmp_path):
