@@ -24,6 +24,7 @@ from .config import (
     RECIPES,
     STRIDE_PADDINGS,
     check_depth,
+    make_config,
 )
 from .errors import TrainingInterrupted, UserError
 
@@ -144,6 +145,16 @@ DEVICES = click.option("--devices", type=int, callback=_positive,
                             "run's].")
 QUIET = click.option("--quiet", is_flag=True, help="No progress bar and no per-epoch lines.")
 # Options that override the recipe: shared by train and experiment.
+def _by_recipe(key: str, show=lambda v: v) -> str:
+    """The help's default of a recipe option: ``[recipe; V]`` when every recipe has V,
+    else what each recipe takes (``[recipe: seed 10000, he2016 5000, fast 5000]``)."""
+    values = {name: make_config("original", name) for name in RECIPES}
+    shown = {name: str(show(getattr(cfg, key))) for name, cfg in values.items()}
+    if len(set(shown.values())) == 1:
+        return f"[recipe; {next(iter(shown.values()))}]"
+    return "[recipe: " + ", ".join(f"{name} {v}" for name, v in shown.items()) + "]"
+
+
 RECIPE_OPTIONS = [
     click.option("--epochs", type=int, callback=_positive, help="Epochs [recipe]."),
     click.option("--batch-size", type=int, callback=_positive, help="Images per step [recipe]."),
@@ -163,26 +174,26 @@ RECIPE_OPTIONS = [
     click.option("--augment/--no-augment", default=None,
                  help="4-pixel pad + random crop + horizontal flip [recipe]."),
     click.option("--valid-size", type=click.IntRange(min=0),
-                 help="Training images held out for validation [recipe; 10000]."),
+                 help="Training images held out for validation " + _by_recipe("valid_size") + "."),
     click.option("--train-examples", type=int, callback=_positive,
                  help="Use only the first N of the remaining training images."),
     click.option("--init", type=click.Choice(INITS),
                  help="Kernel initialisation of every convolution and the dense layer: he "
                       "(normal, variance 2/fan_in, He et al. 2015b) or glorot (uniform) "
-                      "[recipe; glorot]."),
+                      + _by_recipe("init") + "."),
     click.option("--stride-padding", type=click.Choice(STRIDE_PADDINGS),
                  help="Padding of the stride-2 convolutions: symmetric (1 pixel on every "
                       "side, centred on the pixels the shortcut keeps; Caffe/Torch) or same "
                       "(TensorFlow's SAME: 0 on top/left, 1 at the bottom/right) "
-                      "[recipe; same]."),
+                      + _by_recipe("stride_padding") + "."),
     click.option("--zero-init-residual/--no-zero-init-residual", default=None,
                  help="Start every residual branch at zero: gamma 0 in the branch's last "
                       "batch norm (original), the last convolution's kernel 0 (preact); "
-                      "refused for plain [recipe; off]."),
+                      "refused for plain " + _by_recipe("zero_init_residual", {True: "on", False: "off"}.get) + "."),
     click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True),
                  help="Exponential moving average of the weights (and batch-norm "
                       "statistics) with this decay, used for validation, test, eval, "
-                      "predict and export; 0 = off [recipe; 0]."),
+                      "predict and export; 0 = off " + _by_recipe("ema_decay", lambda v: f"{v:g}") + "."),
     PRECISION, DATA_FORMAT, XLA, DATA_DIR,
     click.option("--deterministic/--no-deterministic", default=None,
                  help="TensorFlow's op determinism: the same seed gives the same history on "
@@ -401,7 +412,7 @@ def eval_cmd(run_dir, split, batch_size, best, precision, data_dir, plot_dir, tt
         click.echo(f"  {name:<12}{acc:.4f}")
 
 
-@cli.command(cls=TFCommand)
+@cli.command(cls=TFCommand, short_help="Std of every 3x3 layer's response (Fig. 7).")
 @click.option("--ckpt", "run_dir", required=True,
               type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Run folder written by 'resnet-graph train' (or experiment).")
@@ -432,7 +443,7 @@ def responses(run_dir, best, batch_size, precision, data_dir, as_json):
         click.echo(f"  {layer['index']:>3}  {layer['name']:<24} std {layer['std']:.4f}")
 
 
-@cli.command()
+@cli.command(short_help="Draw loss, accuracy, error and layer figures.")
 @click.argument("histories", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path),
@@ -446,16 +457,11 @@ def responses(run_dir, best, batch_size, precision, data_dir, as_json):
 def plot(histories, out, run_list, response_paths):
     """Draw loss, accuracy, error (He et al. Fig. 6), gradient-norm and layer-response
     (Fig. 7) figures of the runs in HISTORY.h5 files."""
-    from .history import read_history
-    from .plotting import plot_runs, read_responses
+    from .plotting import plot_runs, read_histories, read_responses
     selected = [r.strip() for r in run_list.split(",") if r.strip()] if run_list else None
-    runs, found = [], []
-    for path in histories:
-        available = read_history(path)
-        if selected is not None:
-            available = [r for r in available if r.name in selected]
-        runs.extend(available)
-        found += [path.parent / r.name / "responses.json" for r in available]
+    pairs = read_histories(histories, selected)
+    runs = [run for _, run in pairs]
+    found = [path.parent / run.name / "responses.json" for path, run in pairs]
     if selected is not None:
         missing = sorted(set(selected) - {r.name for r in runs})
         if missing:
@@ -463,7 +469,7 @@ def plot(histories, out, run_list, response_paths):
     files = [p / "responses.json" if p.is_dir() else p for p in response_paths] or \
         [p for p in found if p.is_file()]
     responses = [read_responses(p) for p in files]
-    for path in plot_runs(runs, out, responses):
+    for path in plot_runs(runs, out, responses, sources=[path for path, _ in pairs]):
         click.echo(str(path))
 
 
@@ -592,10 +598,11 @@ def export(run_dir, out, best):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def recipes(as_json):
     """List the named recipes and their values."""
-    from .config import RECIPES, make_config
+    from .config import RECIPES, SCHEDULE_STATE, make_config
+    not_recipe = {"model", "name", "recipe", "depth", "seed", "precision", "data_format", "xla",
+                  "train_examples"} | SCHEDULE_STATE
     table = {name: {k: v for k, v in make_config("original", name).to_dict().items()
-                    if k not in ("model", "name", "recipe", "depth", "seed", "precision",
-                                 "data_format", "xla", "train_examples")}
+                    if k not in not_recipe}
              for name in RECIPES}
     if as_json:
         click.echo(json.dumps(table))

@@ -273,8 +273,10 @@ def check_batch_split(batch_size: int, devices: int, workers: int = 1, *, error=
 def read_config_file(path) -> dict:
     """Options from a YAML or JSON file (e.g. a run's config.json), as TrainConfig keys.
 
-    Dashes in keys are read as underscores; run facts (:data:`RUN_FACTS`) are
-    skipped; an unknown key or a file that is not a mapping is a ValueError.
+    Dashes in keys are read as underscores; run facts (:data:`RUN_FACTS`) and the
+    schedule state a lengthened run recorded (:data:`SCHEDULE_STATE`: a new run starts
+    its own schedule) are skipped; an unknown key or a file that is not a mapping is a
+    ValueError.
     """
     import pathlib
 
@@ -298,7 +300,7 @@ def read_config_file(path) -> dict:
     options = {}
     for key, value in values.items():
         key = str(key).replace("-", "_")
-        if key in RUN_FACTS:
+        if key in RUN_FACTS or key in SCHEDULE_STATE:
             continue
         if key not in names:
             raise ValueError(f"config file {path}: unknown option {key!r}")

@@ -6,6 +6,7 @@ so plotting neither needs a display nor changes matplotlib's global state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from resnet_graph import history
 from resnet_graph.errors import HistoryError, UserError
 from resnet_graph.fsutil import atomic_write_bytes
 from resnet_graph.history import Run
@@ -24,7 +26,27 @@ DPI = 100
 MARKER_MAX_EPOCHS = 25  # draw point markers when a run has at most this many epochs
 
 
-def plot_runs(runs: Sequence[Run], out_dir, responses: Sequence[dict] = ()) -> list[Path]:
+def read_histories(paths, names: Sequence[str] | None = None) -> list[tuple[Path, Run]]:
+    """The runs to plot of the history files ``paths``, each with its file: all the
+    runs of a file, or those named in ``names``; a file given twice (the same resolved
+    path) is read once. HistoryError for an HDF5 file without runs that is not a
+    history (another program's data), as ``train --history`` says.
+    """
+    pairs, seen = [], set()
+    for path in map(Path, paths):
+        file = path.resolve()
+        if file in seen:
+            continue
+        seen.add(file)
+        runs = history.read_history(path)
+        if not runs:
+            history.check_writable(path)  # raises unless a history that has no runs yet
+        pairs += [(path, run) for run in runs if names is None or run.name in names]
+    return pairs
+
+
+def plot_runs(runs: Sequence[Run], out_dir, responses: Sequence[dict] = (),
+              sources: Sequence | None = None) -> list[Path]:
     """Write the plots of ``runs`` into ``out_dir`` and return the written paths.
 
     Always ``loss.png`` and ``accuracy.png`` (train solid, validation dashed,
@@ -36,8 +58,11 @@ def plot_runs(runs: Sequence[Run], out_dir, responses: Sequence[dict] = ()) -> l
     layer's, first and last epoch); for more than one run,
     ``final_accuracy.png``: the test accuracy per run when every run has one,
     else the last validation accuracy; and with ``responses`` (the objects of
-    responses.json files), ``responses.png`` (Fig. 7). Runs without finished
-    epochs are left out; HistoryError when nothing is left to plot.
+    responses.json files), ``responses.png`` (Fig. 7). ``sources``: the history
+    file of each run; runs of the same name from different files are then labelled
+    ``<name> (<file>)``, <file> the shortest end of its path that tells the files
+    apart (and the seeds of one model share a colour only within one file). Runs
+    without finished epochs are left out; HistoryError when nothing is left to plot.
     """
     runs = list(runs)
     if not runs:
@@ -51,6 +76,9 @@ def plot_runs(runs: Sequence[Run], out_dir, responses: Sequence[dict] = ()) -> l
         )
     out = _prepare_folder(out_dir)
     keys = _group_keys(plotted)
+    if sources is not None:
+        files = [source for run, source in zip(runs, sources) if run.epochs > 0]
+        plotted, keys = _tell_files_apart(plotted, keys, files)
     palette = dict(zip(dict.fromkeys(keys), _colours(len(set(keys)))))
     colours = [palette[k] for k in keys]
 
@@ -200,8 +228,7 @@ def _error_figure(runs: list[Run]) -> Figure:
                 ax.plot([x[-1]], [100.0 * (1.0 - test)], marker="*", markersize=11,
                         color=colour, linestyle="none")
         ax.set_title(_family_title(family))
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_axis(ax, runs)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize="small", title="depth", framealpha=0.85)
     axes[0].set_ylabel("error (%)")
@@ -279,8 +306,11 @@ def _responses_figure(responses: list[dict]) -> Figure:
         ax.set_ylabel("std of the response")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small", ncol=2, framealpha=0.85)
-    top.set_title("Std of each 3x3 layer's response on the test set\n(after batch norm, "
-                  "before the addition and ReLU; plain nets dashed)", fontsize=10)
+    where = "after batch norm, before the addition and ReLU"
+    if any(entry.get("model") == "preact" for entry in responses):
+        where += "; preact's second convolutions: their own output"
+    top.set_title(f"Std of each 3x3 layer's response on the test set\n({where}; "
+                  "plain nets dashed)", fontsize=10)
     return fig
 
 
@@ -327,6 +357,28 @@ def _first_labels(keys: list[str]) -> list:
     return labels
 
 
+def _tell_files_apart(runs: list[Run], keys: list[str], sources: list) -> tuple[list, list]:
+    """The runs (renamed) and group keys with `` (<file>)`` appended where the same name
+    or key comes from more than one history file; <file> is the shortest end of the
+    file's path that no other file shares. Names and keys unique to one file stay."""
+    files = [Path(source).resolve() for source in sources]
+    tails = {}
+    for file in dict.fromkeys(files):
+        others = [other.parts for other in set(files) - {file}]
+        size = next(n for n in range(1, len(file.parts) + 1)
+                    if all(other[-n:] != file.parts[-n:] for other in others))
+        tails[file] = str(Path(*file.parts[-size:]))
+
+    def apart(labels: list[str]) -> list[str]:
+        origins: dict[str, set] = {}
+        for label, file in zip(labels, files):
+            origins.setdefault(label, set()).add(file)
+        return [f"{label} ({tails[file]})" if len(origins[label]) > 1 else label
+                for label, file in zip(labels, files)]
+
+    names = apart([run.name for run in runs])
+    return [dataclasses.replace(run, name=name) for run, name in zip(runs, names)], apart(keys)
+
 
 def _new_axes(figsize=FIGSIZE):
     fig = Figure(figsize=figsize, dpi=DPI, layout="constrained")
@@ -356,13 +408,19 @@ def _use_markers(runs: list[Run]) -> bool:
     return max(run.epochs for run in runs) <= MARKER_MAX_EPOCHS
 
 
-def _finish_epoch_axes(ax, runs: list[Run]) -> None:
+def _epoch_axis(ax, runs: list[Run]) -> None:
+    """Integer epoch ticks; when all runs have the same single epoch, one epoch of room
+    either side (within the default margins the locator would fall back to fractions)."""
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     last = max(int(run.columns["epoch"][-1]) for run in runs)
     first = min(int(run.columns["epoch"][0]) for run in runs)
     if first == last:
         ax.set_xlim(first - 1, last + 1)
+
+
+def _finish_epoch_axes(ax, runs: list[Run]) -> None:
+    _epoch_axis(ax, runs)
     ax.grid(True, alpha=0.3)
     lines = len(ax.get_lines())
     ax.legend(

@@ -280,7 +280,8 @@ class Trainer:
     def describe_start(self, prefix: Optional[str] = None) -> list:
         """What this run is, in two lines for its log before the first step: the model,
         recipe, length, what ``auto`` resolved, the devices; the data, the run folder and
-        history, and where it starts (``prefix``: the checkpoint it resumed from)."""
+        history, and where it starts (``prefix``: the checkpoint it resumed from). A third
+        line when a cosine warm-up fills the whole run (it then never decays)."""
         cfg, ds = self.cfg, self.dataset
 
         def chosen(value, asked):
@@ -310,7 +311,15 @@ class Trainer:
         where = (f"{len(ds.train)} training / {len(ds.valid)} validation / {len(ds.test)} test "
                  f"images from {ds.data_dir}; run folder {self.run_dir}, history "
                  f"{self.history_path}")
-        return [what, f"{start}; {where}"]
+        lines = [what, f"{start}; {where}"]
+        if cfg.lr_schedule == "cosine" and not cfg.decay_from_step \
+                and cfg.warmup_epochs >= cfg.epochs:
+            # graph.learning_rate caps the warm-up at the run's length: say so, since the
+            # run then never decays (e.g. a `fast` run cut to --epochs 2 or fewer).
+            lines.append(f"{cfg.name}: the cosine warm-up ({cfg.warmup_epochs:g} epochs) is as "
+                         f"long as the run ({cfg.epochs}), so the rate rises to {cfg.lr:g} and "
+                         f"never decays; pass --warmup-epochs below {cfg.epochs} to decay")
+        return lines
 
     def restore_checkpoint(self, prefix: str, init) -> dict:
         """Restore ``prefix`` into the session; returns the new ``resolved_*`` entries

@@ -12,6 +12,7 @@ from synthetic import write_synthetic_cifar
 
 from resnet_graph import checkpoint, history
 from resnet_graph.cli import cli
+from resnet_graph.config import RECIPES, make_config
 
 TINY = ["--depth", "8", "--epochs", "1", "--batch-size", "50", "--valid-size", "50"]
 
@@ -149,6 +150,34 @@ def test_file_that_is_not_a_history(tmp_path):
     assert_one_line_error(invoke("plot", bogus, "--out", tmp_path / "fig"), "notes.h5")
     assert bogus.read_text() == "hello"
     assert not (tmp_path / "fig" / "loss.png").exists()
+
+
+def test_plot_names_another_programs_hdf5_file_and_tells_same_named_runs_apart(
+        trained, tmp_path, monkeypatch):
+    foreign = tmp_path / "weights.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = np.arange(3)
+    assert_one_line_error(invoke("plot", foreign, "--out", tmp_path / "fig"),
+                          "is an HDF5 file but not a resnet-graph history")
+    root, _ = trained
+    hist = root / "out" / "histories.h5"
+    copy = tmp_path / "other" / "histories.h5"
+    copy.parent.mkdir()
+    shutil.copyfile(hist, copy)
+    import resnet_graph.plotting as plotting
+    drawn = {}
+    real = plotting.plot_runs
+
+    def spy(runs, out, responses=(), sources=None):
+        drawn["sources"] = [str(s) for s in sources]
+        return real(runs, out, responses, sources=sources)
+    monkeypatch.setattr(plotting, "plot_runs", spy)
+    # The same file under two spellings is read once; a copy elsewhere is a second source.
+    result = invoke("plot", hist, root / "out" / ".." / "out" / "histories.h5", copy,
+                    "--out", tmp_path / "fig")
+    assert result.exit_code == 0, result.output
+    assert drawn["sources"] == [str(hist), str(copy)]
+    assert (tmp_path / "fig" / "final_accuracy.png").is_file()
 
 
 def test_existing_run_is_refused_and_left_alone(trained):
@@ -331,3 +360,17 @@ def test_a_diverging_fp16_run_stops_with_one_error_line(tiny_data_dir, tmp_path)
     assert run.epochs == 1 and run.attrs["status"] == "failed"
     assert run.columns["skipped_steps"][0] > 0
     assert checkpoint.latest(tmp_path / "original-8").endswith("model.ckpt-3")  # epoch 1's
+
+
+def test_help_names_each_recipes_own_default_and_whole_summaries():
+    text = " ".join(invoke("train", "--help").output.split())
+    for key, option in (("valid_size", "--valid-size"), ("init", "--init"),
+                        ("stride_padding", "--stride-padding")):
+        values = {name: getattr(make_config("original", name), key) for name in RECIPES}
+        assert len(set(values.values())) > 1, key      # else the help may say one value
+        shown = "[recipe: " + ", ".join(f"{name} {v}" for name, v in values.items()) + "]"
+        assert shown in text.split(option, 1)[1], (option, shown)
+    # click cuts a command's summary at its first full stop: none may end at "et al."
+    listing = invoke("--help").output.split("Commands:", 1)[1]
+    assert all(not line.rstrip().endswith("al.") for line in listing.splitlines()), listing
+    assert "responses" in listing and "plot" in listing

@@ -78,6 +78,20 @@ def test_config_file_values_are_validated(tmp_path):
         make_config("original", "seed", **read_config_file(path))
 
 
+def test_a_lengthened_runs_schedule_state_is_not_taken_by_a_new_run(tmp_path):
+    # The config.json of a run lengthened by --resume --epochs records where its cosine
+    # decay restarted; a new run from that file starts its own schedule.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"recipe": "fast", "lr": 0.2, "decay_from_step": 3,
+                                "decay_from_lr": 0.5, "normalization": {}}))
+    values = read_config_file(path)
+    assert values == {"recipe": "fast", "lr": 0.2}
+    cfg = make_config("original", "fast", **{k: v for k, v in values.items() if k != "recipe"})
+    assert (cfg.decay_from_step, cfg.decay_from_lr) == (0, 0.0)
+    table = json.loads(invoke("recipes", "--json").stdout)
+    assert not {"decay_from_step", "decay_from_lr"} & set(table["fast"])
+
+
 def test_deterministic_runs_give_identical_histories(tiny_data_dir, tmp_path):
     # Op determinism is process-wide, so each run gets its own process.
     exe = os.path.join(os.path.dirname(sys.executable), "resnet-graph")

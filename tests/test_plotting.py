@@ -171,3 +171,79 @@ def test_existing_plots_are_replaced(tmp_path):
     (tmp_path / "loss.png").write_bytes(b"old")
     plotting.plot_runs([fake_run("a", 3)], tmp_path)
     assert_png(tmp_path / "loss.png")
+
+
+def test_an_hdf5_file_that_is_not_a_history_says_so(tmp_path):
+    import h5py
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = [1, 2, 3]
+    with pytest.raises(HistoryError, match="is an HDF5 file but not a resnet-graph history"):
+        plotting.read_histories([other])
+    # A history whose runs were all removed keeps the message of plot_runs.
+    empty = tmp_path / "empty.h5"
+    history.create_run(empty, "gone", config={})
+    history.remove_run(empty, "gone")
+    assert plotting.read_histories([empty]) == []
+    with pytest.raises(HistoryError, match="the history file has no runs"):
+        plotting.plot_runs([], tmp_path / "out")
+
+
+def test_runs_of_one_name_in_several_files_get_distinct_labels(tmp_path, monkeypatch):
+    for folder, best in (("a", 0.9), ("b", 0.8)):
+        path = tmp_path / folder / "histories.h5"
+        for name in ("original-8", f"only-{folder}"):
+            history.create_run(path, name, config={"model": "original", "depth": 8})
+            run = fake_run(name, 3, best=best)
+            for i in range(3):
+                history.append_epoch(path, name, {k: v[i] for k, v in run.columns.items()})
+    a, b = tmp_path / "a" / "histories.h5", tmp_path / "b" / "histories.h5"
+    # The same file twice (spelled differently) is read once.
+    pairs = plotting.read_histories([a, b, tmp_path / "b" / ".." / "a" / "histories.h5"])
+    assert [(path, run.name) for path, run in pairs] == [
+        (a, "original-8"), (a, "only-a"), (b, "original-8"), (b, "only-b")]
+    figures = {}
+
+    def keep(fig, target):
+        figures[target.name] = fig
+        return target
+
+    monkeypatch.setattr(plotting, "_write_png", keep)
+    plotting.plot_runs([run for _, run in pairs], tmp_path / "out",
+                       sources=[path for path, _ in pairs])
+    bars = [t.get_text() for t in figures["final_accuracy.png"].axes[0].get_yticklabels()]
+    assert bars == ["original-8 (a/histories.h5)", "only-a", "original-8 (b/histories.h5)",
+                    "only-b"]
+    legend = [t.get_text() for t in figures["accuracy.png"].axes[0].get_legend().get_texts()]
+    assert legend[:2] == ["original-8 (a/histories.h5) train",
+                          "original-8 (a/histories.h5) valid"]
+    assert len(set(legend)) == len(legend) == 8
+    lines = figures["accuracy.png"].axes[0].get_lines()
+    assert lines[0].get_color() != lines[4].get_color()
+    # Without a collision nothing changes.
+    runs = [run for path, run in pairs if run.name.startswith("only")]
+    renamed, keys = plotting._tell_files_apart(runs, plotting._group_keys(runs), [a, b])
+    assert [run.name for run in renamed] == keys == ["only-a", "only-b"]
+
+
+def test_responses_title_names_preact_second_convolutions_only_with_preact():
+    layers = [{"std": v} for v in (1.0, 2.0)]
+    plain = [{"run": "plain-8", "model": "plain", "layers": layers}]
+    preact = plain + [{"run": "preact-8", "model": "preact", "layers": layers}]
+    title = plotting._responses_figure(plain).axes[0].get_title()
+    assert "after batch norm" in title and "preact" not in title
+    title = plotting._responses_figure(preact).axes[0].get_title()
+    assert "preact's second convolutions: their own output" in title
+
+
+def test_one_epoch_has_integer_epoch_ticks():
+    runs = [fake_run("a", 1), fake_run("b", 1)]
+    runs[0].attrs["config"].update(model="plain", depth=8)
+    runs[1].attrs["config"].update(model="original", depth=8)
+    keys = plotting._group_keys(runs)
+    for fig in (plotting._error_figure(runs), plotting._lr_figure(runs, plotting._colours(2)),
+                plotting._loss_figure(runs, plotting._colours(2), keys)):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = ax.get_xticks()
+            assert len(ticks) and np.all(ticks == np.round(ticks)), ticks

@@ -60,3 +60,18 @@ def test_a_run_and_an_experiment_say_what_they_will_do_before_they_start(tiny_da
                             f"{out / 'original-8-s0' / 'model.ckpt-5'}; 250 training / 50 "
                             "validation")
     assert "epoch 2/2" in result.stdout
+
+
+def test_a_cosine_warm_up_as_long_as_the_run_is_pointed_out(tiny_data_dir, tmp_path):
+    # `fast` warms up over 2 epochs: a run of 2 epochs or fewer never decays.
+    result = invoke("train", "original", *TINY, "--recipe", "fast", "--epochs", "1",
+                    "--data-dir", tiny_data_dir, "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    lines = lines_before_first_step(result.stdout)
+    assert len(lines) == 3 and lines[2] == (
+        "original-8: the cosine warm-up (2 epochs) is as long as the run (1), so the rate "
+        "rises to 0.2 and never decays; pass --warmup-epochs below 1 to decay")
+    result = invoke("train", "original", *TINY, "--recipe", "fast", "--epochs", "1",
+                    "--warmup-epochs", "0.5", "--data-dir", tiny_data_dir, "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert len(lines_before_first_step(result.stdout)) == 2
