@@ -82,6 +82,9 @@ def epochs_done(run_dir) -> Optional[int]:
 def read_config(run_dir) -> dict:
     """The run's config.json as a dict; CheckpointError if missing or unreadable."""
     path = pathlib.Path(run_dir) / CONFIG_FILE
+    if not pathlib.Path(run_dir).is_dir():
+        raise CheckpointError(f"run folder {run_dir} does not exist: pass --ckpt a run folder "
+                              "made by 'resnet-graph train'")
     if not path.is_file():
         raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}: pass --ckpt a run folder made by "
                               "'resnet-graph train'")

@@ -569,9 +569,10 @@ class Trainer:
         self.sess.run(self.t.set_epochs_done, {self.t.epoch_placeholder: epoch})
         self.sess.run(self.t.set_epoch_progress, {self.t.progress_placeholder: [0.0, 0.0, 0.0]})
         checkpoint.save(self.sess, self.saver, self.run_dir, int(self.sess.run(self.t.steps_taken)))
+        valid = (f"valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.4f}"
+                 if len(self.dataset.valid) else "no validation split")
         self.log(f"epoch {epoch}/{self.cfg.epochs}  "
-                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-                 f"valid loss {row['valid_loss']:.4f} acc {row['valid_acc']:.4f}  "
+                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  {valid}  "
                  f"lr {row['lr']:.3g}  {row['seconds']:.1f}s  {row['images_per_sec']:.0f} img/s")
 
     def gradient_norms(self):

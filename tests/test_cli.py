@@ -140,6 +140,11 @@ def test_bad_label_byte(tiny_data_dir, tmp_path):
     assert_one_line_error(result, "data_batch_1.bin")
 
 
+def test_a_run_folder_that_does_not_exist(tmp_path):
+    assert_one_line_error(invoke("eval", "--ckpt", tmp_path / "nowhere"),
+                          f"run folder {tmp_path / 'nowhere'} does not exist")
+
+
 def test_folder_without_checkpoint(tmp_path):
     assert_one_line_error(invoke("eval", "--ckpt", tmp_path), str(tmp_path))
 
@@ -214,6 +219,10 @@ def test_a_run_without_validation_split(tiny_data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     run = history.read_run(tmp_path / "histories.h5", "plain-8")
     assert run.epochs == 1 and run.columns["valid_acc"][0] != run.columns["valid_acc"][0]  # NaN
+    shown = invoke("train", "plain", "--depth", "8", "--epochs", "1", "--batch-size", "50",
+                   "--valid-size", "0", "--data-dir", tiny_data_dir, "--out", tmp_path / "shown")
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("epoch 1/1  train loss"))
+    assert "no validation split" in line and "nan" not in line
     assert 0 <= run.attrs["test_acc"] <= 1
     result = invoke("eval", "--ckpt", tmp_path / "plain-8", "--split", "valid")
     assert_one_line_error(result, "no valid split")
