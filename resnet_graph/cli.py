@@ -457,7 +457,7 @@ def responses(run_dir, best, batch_size, precision, data_dir, as_json):
 def plot(histories, out, run_list, response_paths):
     """Draw loss, accuracy, error (He et al. Fig. 6), gradient-norm and layer-response
     (Fig. 7) figures of the runs in HISTORY.h5 files."""
-    from .plotting import plot_runs, read_histories, read_responses
+    from .plotting import label_responses, plot_runs, read_histories, read_responses
     selected = [r.strip() for r in run_list.split(",") if r.strip()] if run_list else None
     pairs = read_histories(histories, selected)
     runs = [run for _, run in pairs]
@@ -468,7 +468,8 @@ def plot(histories, out, run_list, response_paths):
             raise UserError(f"no run named {', '.join(missing)} in the given histories")
     files = [p / "responses.json" if p.is_dir() else p for p in response_paths] or \
         [p for p in found if p.is_file()]
-    responses = [read_responses(p) for p in files]
+    files = list({p.resolve(): p for p in files}.values())    # a file named twice: once
+    responses = label_responses([read_responses(p) for p in files], files)
     for path in plot_runs(runs, out, responses, sources=[path for path, _ in pairs]):
         click.echo(str(path))
 

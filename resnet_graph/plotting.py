@@ -361,6 +361,23 @@ def _tell_files_apart(runs: list[Run], keys: list[str], sources: list) -> tuple[
     """The runs (renamed) and group keys with `` (<file>)`` appended where the same name
     or key comes from more than one history file; <file> is the shortest end of the
     file's path that no other file shares. Names and keys unique to one file stay."""
+    names = _apart([run.name for run in runs], sources)
+    return ([dataclasses.replace(run, name=name) for run, name in zip(runs, names)],
+            _apart(keys, sources))
+
+
+def label_responses(entries: Sequence[dict], sources: Sequence) -> list[dict]:
+    """The responses.json objects ``entries`` read from the files ``sources``, with
+    ``run`` labelled ``<run> (<file>)`` where runs of the same name come from different
+    files (as plot_runs does with its ``sources``)."""
+    labels = _apart([entry["run"] for entry in entries], sources)
+    return [dict(entry, run=label) for entry, label in zip(entries, labels)]
+
+
+def _apart(labels: list[str], sources: Sequence) -> list[str]:
+    """``labels`` with `` (<file>)`` appended where one label comes from more than one of
+    the files ``sources`` (one per label); <file> is the shortest end of the file's path
+    that no other file shares."""
     files = [Path(source).resolve() for source in sources]
     tails = {}
     for file in dict.fromkeys(files):
@@ -368,16 +385,11 @@ def _tell_files_apart(runs: list[Run], keys: list[str], sources: list) -> tuple[
         size = next(n for n in range(1, len(file.parts) + 1)
                     if all(other[-n:] != file.parts[-n:] for other in others))
         tails[file] = str(Path(*file.parts[-size:]))
-
-    def apart(labels: list[str]) -> list[str]:
-        origins: dict[str, set] = {}
-        for label, file in zip(labels, files):
-            origins.setdefault(label, set()).add(file)
-        return [f"{label} ({tails[file]})" if len(origins[label]) > 1 else label
-                for label, file in zip(labels, files)]
-
-    names = apart([run.name for run in runs])
-    return [dataclasses.replace(run, name=name) for run, name in zip(runs, names)], apart(keys)
+    origins: dict[str, set] = {}
+    for label, file in zip(labels, files):
+        origins.setdefault(label, set()).add(file)
+    return [f"{label} ({tails[file]})" if len(origins[label]) > 1 else label
+            for label, file in zip(labels, files)]
 
 
 def _new_axes(figsize=FIGSIZE):

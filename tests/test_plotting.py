@@ -247,3 +247,19 @@ def test_one_epoch_has_integer_epoch_ticks():
         for ax in fig.axes:
             ticks = ax.get_xticks()
             assert len(ticks) and np.all(ticks == np.round(ticks)), ticks
+
+
+def test_responses_of_same_named_runs_in_different_folders_are_told_apart(tmp_path):
+    entries = [{"run": "original-8", "model": "original", "layers": [{"std": 1.0}]},
+               {"run": "original-8", "model": "original", "layers": [{"std": 0.5}]},
+               {"run": "plain-8", "model": "plain", "layers": [{"std": 0.7}]}]
+    files = [tmp_path / "a" / "original-8" / "responses.json",
+             tmp_path / "b" / "original-8" / "responses.json",
+             tmp_path / "a" / "plain-8" / "responses.json"]
+    labelled = plotting.label_responses(entries, files)
+    assert [e["run"] for e in labelled] == [
+        f"original-8 ({Path('a', 'original-8', 'responses.json')})",
+        f"original-8 ({Path('b', 'original-8', 'responses.json')})", "plain-8"]
+    assert [e["layers"] for e in labelled] == [e["layers"] for e in entries]
+    legend = plotting._responses_figure(labelled).axes[0].get_legend()
+    assert len({t.get_text() for t in legend.get_texts()}) == 3
