@@ -2,7 +2,8 @@
 # The issue-17 ablation: ResNet-20 (original), recipe fast cut to 15 epochs, bf16,
 # one change from the base per arm, seeds 0 and 1.
 #
-#   cd <worktree> && setsid nohup bash experiments/ablation.sh > "$ABLATION_DIR/run.log" 2>&1 < /dev/null &
+#   cd <worktree> && export ABLATION_DIR=${ABLATION_DIR:-$PWD/checkpoints/ablation} && mkdir -p "$ABLATION_DIR" &&
+#       setsid nohup bash experiments/ablation.sh > "$ABLATION_DIR/run.log" 2>&1 < /dev/null &
 #
 # Order: seed 0 of every arm (base he sym zero ema lr02 b256 paper), then seed 1 of
 # every arm, so that a stop leaves balanced partial results. Each arm is one
@@ -54,7 +55,7 @@ run_arm() {   # arm, seeds (comma-separated)
     flags=$(arm_flags "$arm") || return 1
     # shellcheck disable=SC2086  # flags are words
     set -- "$EXE" experiment --recipe fast --models original --depth 20 --epochs "$EPOCHS" \
-        --precision bf16 "${DATA[@]}" --seeds "$seeds" --out "$ABLATION_DIR/$arm" $flags
+        --precision bf16 ${DATA[@]+"${DATA[@]}"} --seeds "$seeds" --out "$ABLATION_DIR/$arm" $flags
     echo "$(date -u '+%F %T') [$arm seeds $seeds] $*"
     "$@" 2>&1 | tee -a "$ABLATION_DIR/logs/$arm-s${seeds//,/_}.log"
     status=${PIPESTATUS[0]}

@@ -3,7 +3,8 @@
 # on CIFAR-10 ($DATA_DIR, else what resnet-graph finds), then `eval` of each run's final and best-validation checkpoints,
 # single view and with --tta flip.
 #
-#   cd <worktree> && setsid nohup bash experiments/finals.sh > "$FINALS_DIR/run.log" 2>&1 < /dev/null &
+#   cd <worktree> && export FINALS_DIR=${FINALS_DIR:-$PWD/checkpoints/finals} && mkdir -p "$FINALS_DIR" &&
+#       setsid nohup bash experiments/finals.sh > "$FINALS_DIR/run.log" 2>&1 < /dev/null &
 #   .venv/bin/python experiments/finals_table.py "$FINALS_DIR"      # the table, from the files
 #
 # RUNS lists model:seed in the order they train (default: seed 0 of both models first,
@@ -65,7 +66,7 @@ for item in $RUNS; do
     seed=${item##*:}
     # shellcheck disable=SC2086  # FLAGS are words
     set -- "$EXE" experiment --recipe fast --models "$model" --depth "$DEPTH" --epochs "$EPOCHS" \
-        --precision "$PRECISION" "${DATA[@]}" --seeds "$seed" --out "$FINALS_DIR" $FLAGS
+        --precision "$PRECISION" ${DATA[@]+"${DATA[@]}"} --seeds "$seed" --out "$FINALS_DIR" $FLAGS
     echo "$(date -u '+%F %T') [$model seed $seed] $*"
     "$@" 2>&1 | tee -a "$FINALS_DIR/logs/$model-s$seed.log"
     status=${PIPESTATUS[0]}
@@ -75,7 +76,7 @@ for item in $RUNS; do
     for variant in final final-flip best best-flip; do
         json="$run/eval-$variant.json"
         [ -s "$json" ] && continue
-        args=(eval --ckpt "$run" "${DATA[@]}" --json)
+        args=(eval --ckpt "$run" ${DATA[@]+"${DATA[@]}"} --json)
         case "$variant" in *best*) args+=(--best) ;; esac
         case "$variant" in *flip) args+=(--tta flip) ;; esac
         if "$EXE" "${args[@]}" > "$json.tmp"; then
@@ -101,7 +102,7 @@ if [ $((n_models * n_seeds)) -eq "$n_runs" ]; then
     models=$(echo $models | tr ' ' ','); seeds=$(echo $seeds | tr ' ' ',')
     # shellcheck disable=SC2086
     "$EXE" experiment --recipe fast --models "$models" --depth "$DEPTH" --epochs "$EPOCHS" \
-        --precision "$PRECISION" "${DATA[@]}" --seeds "$seeds" --out "$FINALS_DIR" \
+        --precision "$PRECISION" ${DATA[@]+"${DATA[@]}"} --seeds "$seeds" --out "$FINALS_DIR" \
         $FLAGS > /dev/null || echo "report failed"
 fi
 echo "$(date -u '+%F %T') finals done"

@@ -4,7 +4,8 @@
 # on CIFAR-10 ($DATA_DIR, else what resnet-graph finds); then `responses` on every finished run, and the report again (it
 # draws responses.png once the runs have their responses.json).
 #
-#   cd <worktree> && setsid nohup bash experiments/sweep.sh >> "$SWEEP_DIR/run.log" 2>&1 < /dev/null &
+#   cd <worktree> && export SWEEP_DIR=${SWEEP_DIR:-$PWD/checkpoints/sweep} && mkdir -p "$SWEEP_DIR" &&
+#       setsid nohup bash experiments/sweep.sh >> "$SWEEP_DIR/run.log" 2>&1 < /dev/null &
 #
 # Resumable: run it again and `experiment` keeps the finished runs and resumes the
 # unfinished one from its checkpoint; a run that has its responses.json is not measured
@@ -44,7 +45,7 @@ if [ -n "$CARRY" ]; then
 fi
 echo "$(date -u '+%F %T') sweep in $SWEEP_DIR, trained by $REPO at $(git -C "$REPO" rev-parse --short HEAD), tools of $TOOLS"
 experiment=("$EXE" experiment --recipe fast --models "$MODELS" --depths "$DEPTHS" --seeds 0
-            --epochs "$EPOCHS" --precision fp32 "${DATA[@]}" --out "$SWEEP_DIR")
+            --epochs "$EPOCHS" --precision fp32 ${DATA[@]+"${DATA[@]}"} --out "$SWEEP_DIR")
 "${experiment[@]}"
 status=$?
 if [ "$status" -ne 0 ]; then
@@ -53,7 +54,7 @@ if [ "$status" -ne 0 ]; then
 fi
 for run in "$SWEEP_DIR"/*-s0; do
     if [ -f "$run/config.json" ] && [ ! -f "$run/responses.json" ]; then
-        "$TOOLS/.venv/bin/resnet-graph" responses --ckpt "$run" "${DATA[@]}" > /dev/null || exit 1
+        "$TOOLS/.venv/bin/resnet-graph" responses --ckpt "$run" ${DATA[@]+"${DATA[@]}"} > /dev/null || exit 1
         echo "$(date -u '+%F %T') responses of $(basename "$run")"
     fi
 done

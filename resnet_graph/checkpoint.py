@@ -72,9 +72,21 @@ def epochs_done(run_dir) -> Optional[int]:
     prefix = latest(run_dir)
     if prefix is None:
         return None
+    return int(read_tensor(prefix, "epochs_done"))
+
+
+def read_tensor(prefix: str, name: str, default=None):
+    """The value of variable ``name`` in checkpoint ``prefix`` (``default`` when it has
+    none and a default is given); CheckpointError naming damaged files as damaged."""
     try:
-        return int(tf.train.load_checkpoint(prefix).get_tensor("epochs_done"))
-    except (tf.errors.OpError, ValueError) as e:
+        reader = tf.train.load_checkpoint(prefix)
+        if default is not None and not reader.has_tensor(name):
+            return default
+        return reader.get_tensor(name)
+    except (tf.errors.OpError, ValueError, IndexError, RuntimeError) as e:
+        broken = damage(prefix)
+        if broken is not None:
+            raise restore_error(prefix, e) from None
         raise CheckpointError(f"checkpoint {prefix} cannot be read ({first_line(e)}); "
                               "was it written by resnet-graph?") from None
 

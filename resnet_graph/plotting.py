@@ -471,6 +471,8 @@ def read_responses(path) -> dict:
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
         stds = [float(layer["std"]) for layer in entry["layers"]]
+        if not isinstance(entry["run"], str):
+            raise ValueError("its run is not a name")
         if not stds or not all(math.isfinite(v) and v >= 0 for v in stds):
             raise ValueError("no finite standard deviations")
     except FileNotFoundError:

@@ -346,6 +346,17 @@ class Trainer:
             self.log(f"{prefix} predates {', '.join(later)} (added by a later version): "
                      f"{'; '.join(later.values())}")
         self.sess.run(init)
+        reader = self._load_present(prefix)
+        skipped = "loss_scaling/skipped_steps"
+        if self.t.skipped_steps is None and reader.has_tensor(skipped):
+            with self.sess.graph.as_default():
+                self.t.global_step.load(reader.get_tensor("global_step")
+                                        + reader.get_tensor(skipped), self.sess)
+        return resolved if was != resolved else {}
+
+    def _load_present(self, prefix: str):
+        """Load every variable of the graph that checkpoint ``prefix`` holds (the rest
+        keeps its value); returns the checkpoint's reader."""
         try:
             reader = tf.train.load_checkpoint(prefix)
             stored = reader.get_variable_to_shape_map()
@@ -353,13 +364,9 @@ class Trainer:
                 for v in tf1.global_variables():
                     if v.op.name in stored:
                         v.load(reader.get_tensor(v.op.name), self.sess)
-                skipped = "loss_scaling/skipped_steps"
-                if self.t.skipped_steps is None and skipped in stored:
-                    self.t.global_step.load(reader.get_tensor("global_step")
-                                            + reader.get_tensor(skipped), self.sess)
         except (tf.errors.OpError, ValueError, IndexError) as e:
             raise checkpoint.restore_error(prefix, e) from None
-        return resolved if was != resolved else {}
+        return reader
 
     def _later_variables(self, prefix: str) -> dict:
         """The variables of this graph that ``prefix`` lacks because a later version added
@@ -388,10 +395,8 @@ class Trainer:
         before = int(checkpoint.read_config(self.run_dir).get("epochs", cfg.epochs))
         if before >= cfg.epochs:
             return cfg
-        reader = tf1.train.NewCheckpointReader(prefix)
-        taken = int(reader.get_tensor("global_step"))
-        if reader.has_tensor("loss_scaling/skipped_steps"):
-            taken += int(reader.get_tensor("loss_scaling/skipped_steps"))
+        taken = int(checkpoint.read_tensor(prefix, "global_step")) + int(
+            checkpoint.read_tensor(prefix, "loss_scaling/skipped_steps", default=0))
         try:
             return lengthened(cfg.replace(epochs=before), cfg.epochs, taken, self.steps_per_epoch)
         except ValueError as e:
@@ -595,8 +600,11 @@ class Trainer:
             best = test
             if self.best_epoch != self.cfg.epochs:
                 # The latest checkpoint is on disk; the session's weights are free to go.
-                checkpoint.restore(self.sess, self.best_saver,
-                                   checkpoint.require_latest(self.run_dir, best=True))
+                prefix = checkpoint.require_latest(self.run_dir, best=True)
+                if self._later_variables(prefix):    # written before a later version
+                    self._load_present(prefix)
+                else:
+                    checkpoint.restore(self.sess, self.best_saver, prefix)
                 best = evaluate(self.sess, self.t.evaluation, self.dataset.test,
                                 batch_size=self.eval_batch_size, name="test")
                 self.log(f"best validation epoch {self.best_epoch}: test loss {best.loss:.4f} "

@@ -261,6 +261,19 @@ def test_a_damaged_checkpoint_is_named_as_damaged_with_the_intact_earlier_one(
         assert_one_line_error(result, f"checkpoint {last} is damaged", "cannot be read in full",
                               f"the earlier checkpoint {earlier} is intact",
                               f'model_checkpoint_path: "{earlier}"')
+    # Cut to nothing, so that even the position cannot be read (what --resume --epochs and
+    # experiment look at before anything is restored).
+    data_file.write_bytes(b"")
+    def experiment(epochs):
+        return invoke("experiment", "--models", "plain", "--seeds", "0", "--depth", "8",
+                      "--epochs", epochs, "--batch-size", "50", "--valid-size", "50",
+                      "--data-dir", tiny_data_dir, "--out", tmp_path / "exp", "--quiet")
+    assert experiment(2).exit_code == 0
+    exp_run = tmp_path / "exp" / "plain-8-s0"
+    exp_last = checkpoint.latest(exp_run)
+    next(exp_run.glob(pathlib.Path(exp_last).name + ".data-*")).write_bytes(b"")
+    for result in (invoke(*args, "--resume", "--epochs", "3"), experiment(3)):
+        assert_one_line_error(result, "is damaged", "is intact")
     state = run_dir / "checkpoint"
     state.write_text(f'model_checkpoint_path: "{earlier}"\n')
     assert invoke("eval", "--ckpt", run_dir, "--data-dir", tiny_data_dir).exit_code == 0

@@ -263,3 +263,18 @@ def test_responses_of_same_named_runs_in_different_folders_are_told_apart(tmp_pa
     assert [e["layers"] for e in labelled] == [e["layers"] for e in entries]
     legend = plotting._responses_figure(labelled).axes[0].get_legend()
     assert len({t.get_text() for t in legend.get_texts()}) == 3
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"layers": [{"std": 1.0}]}', "'run'"),                 # no run name
+    ('{"run": 3, "layers": [{"std": 1.0}]}', "not a name"),
+    ('{"run": "r", "layers": []}', "no finite"),
+    ('{"run": "r", "layers": [{"std": -1}]}', "no finite"),
+    ("[1, 2]", ""),
+])
+def test_files_that_are_not_responses_are_one_user_error(tmp_path, text, fragment):
+    path = tmp_path / "responses.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match="is not a responses.json") as caught:
+        plotting.read_responses(path)
+    assert fragment in str(caught.value)

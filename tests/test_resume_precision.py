@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 
+import h5py
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
@@ -184,6 +185,11 @@ def test_an_fp16_checkpoint_older_than_the_epoch_skip_count_resumes(gpu_made, ti
     old = checkpoint.latest(out / "r")
     weights = tf.train.load_variable(old, "model/stem/conv/kernel")
     _drop_from_checkpoint(old, "loss_scaling/epoch_skipped")
+    # Its best checkpoint too, and epoch 1 stays the best, so that the end of the run
+    # evaluates that old best checkpoint.
+    _drop_from_checkpoint(checkpoint.latest(out / "r" / "best"), "loss_scaling/epoch_skipped")
+    with h5py.File(out / "histories.h5", "r+") as f:
+        f["r/valid_acc"][0] = 1.0
     trainer_lines = []
     train_run(_config(), data_dir=tiny_data_dir, out=out, resume=True, epochs_override=2,
               log=trainer_lines.append)
@@ -200,6 +206,7 @@ def test_an_fp16_checkpoint_older_than_the_epoch_skip_count_resumes(gpu_made, ti
     assert saved["resolved_precision"] == "fp16" and saved["epochs"] == 2
     run = history.read_run(out / "histories.h5", "r", guard=False)
     assert list(run.columns["epoch"]) == [1, 2]
+    assert run.attrs["best_epoch"] == 1 and "best_test_acc" in run.attrs
 
 
 def test_a_checkpoint_missing_a_model_variable_is_still_refused(gpu_made, tiny_data_dir,
