@@ -201,12 +201,63 @@ def adopt_existing(saver, folder) -> None:
         saver.recover_last_checkpoints(list(state.all_model_checkpoint_paths))
 
 
-def restore(sess, saver, prefix: str) -> None:
+# Variables that versions after the first added to the training graph, with what a run
+# restored from a checkpoint written before them goes on with (their initial value).
+LATER_VARIABLES = {
+    "loss_scaling/epoch_skipped": "fp16 steps skipped in the resumed epoch before the "
+                                  "checkpoint are not counted in its skipped_steps (the "
+                                  "run-wide count and the position are)",
+}
+
+
+def restore(sess, saver, prefix: str) -> dict:
+    """Restore ``prefix`` into the session with ``saver``. A checkpoint of an earlier
+    version that lacks only variables added since (LATER_VARIABLES) is restored too:
+    what it holds is loaded, the rest initialised; returns those variables with what
+    their initial value means ({} for a complete checkpoint). CheckpointError for a
+    damaged checkpoint or one that does not fit the graph."""
     try:
         with sess.graph.as_default():
             saver.restore(sess, prefix)
+        return {}
     except (tf.errors.OpError, ValueError) as e:
+        error = e
+    later = _later_variables(sess.graph, prefix)
+    if not later:
+        raise restore_error(prefix, error)
+    with sess.graph.as_default():
+        sess.run([v.initializer for v in tf1.global_variables() if v.op.name in later])
+    load_present(sess, prefix)
+    return later
+
+
+def load_present(sess, prefix: str):
+    """Load every global variable of the session's graph that checkpoint ``prefix``
+    holds, by name (the rest keeps its value); returns the checkpoint's reader."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        stored = reader.get_variable_to_shape_map()
+        with sess.graph.as_default():
+            for v in tf1.global_variables():
+                if v.op.name in stored:
+                    v.load(reader.get_tensor(v.op.name), sess)
+    except (tf.errors.OpError, ValueError, IndexError) as e:
         raise restore_error(prefix, e) from None
+    return reader
+
+
+def _later_variables(graph, prefix: str) -> dict:
+    """The global variables of ``graph`` that ``prefix`` lacks because a later version
+    added them, with what their initial value means; {} when it lacks none or any other."""
+    try:
+        stored = {name for name, _ in tf.train.list_variables(prefix)}
+    except (tf.errors.OpError, ValueError):
+        return {}
+    with graph.as_default():
+        missing = {v.op.name for v in tf1.global_variables()} - stored
+    if not missing or not missing <= LATER_VARIABLES.keys():
+        return {}
+    return {name: LATER_VARIABLES[name] for name in sorted(missing)}
 
 
 def damage(prefix: str) -> Optional[str]:

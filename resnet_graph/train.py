@@ -41,15 +41,6 @@ from .summaries import RunSummaries
 tf1 = tf.compat.v1
 
 
-# Variables that versions after the first added to the training graph, with what a run
-# resumed from a checkpoint written before them goes on with (their initial value).
-LATER_VARIABLES = {
-    "loss_scaling/epoch_skipped": "fp16 steps skipped in the resumed epoch before the "
-                                  "checkpoint are not counted in its skipped_steps (the "
-                                  "run-wide count and the position are)",
-}
-
-
 class TrainingError(UserError):
     """Training cannot go on (e.g. the loss became NaN)."""
 
@@ -332,56 +323,26 @@ class Trainer:
         so that steps fp16 skipped stay counted (steps taken = ``global_step`` +
         ``loss_scaling/skipped_steps``; without loss scaling ``global_step`` alone).
         A checkpoint of an earlier version that lacks variables added since
-        (LATER_VARIABLES, and nothing else) is restored the same way, with one line
-        saying what their initial values mean.
+        (checkpoint.LATER_VARIABLES) is restored by checkpoint.restore, and one line
+        says what their initial values mean.
         """
         saved = checkpoint.read_config(self.run_dir)
         resolved = {"resolved_precision": self.precision, "resolved_data_format": self.data_format}
         was = {key: saved.get(key, value) for key, value in resolved.items()}
         if was == resolved:
-            later = self._later_variables(prefix)
-            if not later:
-                checkpoint.restore(self.sess, self.saver, prefix)
-                return {}
-            self.log(f"{prefix} predates {', '.join(later)} (added by a later version): "
-                     f"{'; '.join(later.values())}")
+            later = checkpoint.restore(self.sess, self.saver, prefix)
+            if later:
+                self.log(f"{prefix} predates {', '.join(later)} (added by a later version): "
+                         f"{'; '.join(later.values())}")
+            return {}
         self.sess.run(init)
-        reader = self._load_present(prefix)
+        reader = checkpoint.load_present(self.sess, prefix)
         skipped = "loss_scaling/skipped_steps"
         if self.t.skipped_steps is None and reader.has_tensor(skipped):
             with self.sess.graph.as_default():
                 self.t.global_step.load(reader.get_tensor("global_step")
                                         + reader.get_tensor(skipped), self.sess)
-        return resolved if was != resolved else {}
-
-    def _load_present(self, prefix: str):
-        """Load every variable of the graph that checkpoint ``prefix`` holds (the rest
-        keeps its value); returns the checkpoint's reader."""
-        try:
-            reader = tf.train.load_checkpoint(prefix)
-            stored = reader.get_variable_to_shape_map()
-            with self.sess.graph.as_default():
-                for v in tf1.global_variables():
-                    if v.op.name in stored:
-                        v.load(reader.get_tensor(v.op.name), self.sess)
-        except (tf.errors.OpError, ValueError, IndexError) as e:
-            raise checkpoint.restore_error(prefix, e) from None
-        return reader
-
-    def _later_variables(self, prefix: str) -> dict:
-        """The variables of this graph that ``prefix`` lacks because a later version added
-        them (LATER_VARIABLES), with what going on without their saved value means; {}
-        when the checkpoint has every variable, or lacks any other (then the restore
-        refuses it as not fitting the model)."""
-        try:
-            stored = {name for name, _ in tf.train.list_variables(prefix)}
-        except (tf.errors.OpError, ValueError):
-            return {}     # the restore says what is wrong with it
-        with self.sess.graph.as_default():
-            missing = {v.op.name for v in tf1.global_variables()} - stored
-        if not missing or not missing <= LATER_VARIABLES.keys():
-            return {}
-        return {name: LATER_VARIABLES[name] for name in sorted(missing)}
+        return resolved
 
     def _lengthened(self) -> TrainConfig:
         """``--resume --epochs N`` past the length in config.json: the configuration with
@@ -600,11 +561,8 @@ class Trainer:
             best = test
             if self.best_epoch != self.cfg.epochs:
                 # The latest checkpoint is on disk; the session's weights are free to go.
-                prefix = checkpoint.require_latest(self.run_dir, best=True)
-                if self._later_variables(prefix):    # written before a later version
-                    self._load_present(prefix)
-                else:
-                    checkpoint.restore(self.sess, self.best_saver, prefix)
+                checkpoint.restore(self.sess, self.best_saver,
+                                   checkpoint.require_latest(self.run_dir, best=True))
                 best = evaluate(self.sess, self.t.evaluation, self.dataset.test,
                                 batch_size=self.eval_batch_size, name="test")
                 self.log(f"best validation epoch {self.best_epoch}: test loss {best.loss:.4f} "
