@@ -305,6 +305,8 @@ def read_run(path, run, *, guard: bool = True) -> Run:
 
 def read_history(path, runs: list[str] | None = None, *, guard: bool = True) -> list[Run]:
     """Read all runs in file order (creation order), or the named ones in the given order.
+    A file without runs that is not a history (another program's HDF5 data, a newer
+    format) is a HistoryError, as for writing.
 
     ``guard``: first read the file in a forked child with a time limit
     (:func:`_probe`), for files that come from outside; pass False for a file
@@ -319,6 +321,8 @@ def read_history(path, runs: list[str] | None = None, *, guard: bool = True) -> 
     with _open_for_reading(path, guard) as f:
         try:
             names = _group_names(f)
+            if not names:
+                _check_is_history(f, path)   # no runs: a new history, or another program's file
             if wanted is not None:
                 unknown = [r for r in wanted if r not in names]
                 if unknown:

@@ -29,8 +29,7 @@ MARKER_MAX_EPOCHS = 25  # draw point markers when a run has at most this many ep
 def read_histories(paths, names: Sequence[str] | None = None) -> list[tuple[Path, Run]]:
     """The runs to plot of the history files ``paths``, each with its file: all the
     runs of a file, or those named in ``names``; a file given twice (the same resolved
-    path) is read once. HistoryError for an HDF5 file without runs that is not a
-    history (another program's data), as ``train --history`` says.
+    path) is read once; history.read_history's errors (another program's file, ...).
     """
     pairs, seen = [], set()
     for path in map(Path, paths):
@@ -38,10 +37,8 @@ def read_histories(paths, names: Sequence[str] | None = None) -> list[tuple[Path
         if file in seen:
             continue
         seen.add(file)
-        runs = history.read_history(path)
-        if not runs:
-            history.check_writable(path)  # raises unless a history that has no runs yet
-        pairs += [(path, run) for run in runs if names is None or run.name in names]
+        pairs += [(path, run) for run in history.read_history(path)
+                  if names is None or run.name in names]
     return pairs
 
 
