@@ -25,7 +25,7 @@ from . import checkpoint, history
 from .config import RUN_FACTS, SCHEDULE_STATE, TrainConfig, canonical_model
 from .errors import TrainingInterrupted, UserError
 from .fsutil import atomic_write_text
-from .stats import NO_SPREAD, paired_difference
+from .stats import no_spread, paired_difference
 
 HISTORY_FILE = "histories.h5"
 REPORT_MD = "report.md"
@@ -347,7 +347,7 @@ def _signed_pct(value) -> str:
 def _comparison_cell(c: dict) -> str:
     if c["n"] < 2:
         return f"{_signed_pct(c['difference'])} (one seed: not resolved)"
-    if c["high"] - c["low"] <= NO_SPREAD:
+    if no_spread(c["low"], c["high"]):
         return f"{_signed_pct(c['difference'])} n={c['n']}, no spread over the seeds: not resolved"
     return (f"{_signed_pct(c['difference'])} [{_signed_pct(c['low'])}, {_signed_pct(c['high'])}]"
             f" n={c['n']}: {'resolved' if c['resolved'] else 'not resolved'}")

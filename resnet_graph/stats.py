@@ -96,7 +96,7 @@ class PairedDifference:
     def degenerate(self) -> bool:
         """Several seeds, every difference the same: the interval has no width, which
         says the seeds changed nothing (identical runs), not that the difference is sure."""
-        return self.low is not None and self.high - self.low <= NO_SPREAD
+        return no_spread(self.low, self.high)
 
     @property
     def resolved(self) -> bool:
@@ -112,6 +112,12 @@ class PairedDifference:
         if self.resolved:
             return f"resolved ({int(round(100 * self.level))}% interval excludes 0)"
         return f"not resolved ({int(round(100 * self.level))}% interval includes 0)"
+
+
+def no_spread(low: Optional[float], high: Optional[float]) -> bool:
+    """Whether an interval [low, high] has no width (up to float rounding): the
+    differences were all the same. False without an interval (one seed)."""
+    return low is not None and high - low <= NO_SPREAD
 
 
 def paired_difference(a: dict, b: dict, level: float = RESOLVED_LEVEL) -> Optional[PairedDifference]:
